@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num", type=int, default=2000, help="utterances in all splits together")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--noise", type=float, default=0.0, help="white-noise std (0 for none)")
-    synth.set_defaults(run="trainer.entry:synth_command")
+    synth.set_defaults(run="trainer.synth:synth_command")
 
     train = verbs.add_parser("train", help="one trial, no Ray")
     train.add_argument("config", help="trial config YAML (see sweeps/trials/)")
