@@ -8,6 +8,7 @@ path through a non-mapping is an error naming the path.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,8 +29,10 @@ class ConfigError(ValueError):
         if len(self.problems) == 1:
             text = head + self.problems[0]
         else:
-            text = head + f"{len(self.problems)} problems:\n" + "\n".join(
-                f"  - {p}" for p in self.problems
+            text = (
+                head
+                + f"{len(self.problems)} problems:\n"
+                + "\n".join(f"  - {p}" for p in self.problems)
             )
         super().__init__(text)
 
@@ -37,7 +40,9 @@ class ConfigError(ValueError):
 def _loc_to_path(loc: tuple[Any, ...]) -> str:
     # pydantic puts the discriminator tag into the location of union members
     # (model.projector.moe.top_k); drop it so the path is the one the user wrote.
-    parts = [str(p) for p in loc if not isinstance(p, str) or p not in {"mlp", "mosa", "moe", "qformer"}]
+    parts = [
+        str(p) for p in loc if not isinstance(p, str) or p not in {"mlp", "mosa", "moe", "qformer"}
+    ]
     return ".".join(parts)
 
 
@@ -64,7 +69,17 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from None
-    return key, value
+    return key, _yaml12_number(value)
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml12_number(value: Any) -> Any:
+    # PyYAML follows YAML 1.1, where `1e-3` is a string; everyone typing it means a number.
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -101,9 +116,7 @@ def get_path(data: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def validate_model(
-    model: type[M], data: Any, *, source: str | None = None, prefix: str = ""
-) -> M:
+def validate_model(model: type[M], data: Any, *, source: str | None = None, prefix: str = "") -> M:
     """`model.model_validate(data)`, with errors turned into one `ConfigError` naming each path."""
     try:
         return model.model_validate(data)
@@ -123,5 +136,7 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}", source=str(p))
+        raise ConfigError(
+            f"expected a mapping at the top level, got {type(data).__name__}", source=str(p)
+        )
     return data
