@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, model_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+
+def _not_a_bool(value: object) -> object:
+    # pydantic's lax mode reads True as 1; in YAML `stride: yes` is a typo, not a stride.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+PositiveInt = Annotated[int, BeforeValidator(_not_a_bool), Field(gt=0)]
+NonNegativeFloat = Annotated[float, BeforeValidator(_not_a_bool), Field(ge=0.0)]
 
 
 class _ProjectorBase(BaseModel):
@@ -32,9 +40,12 @@ class MLPConfig(_ProjectorBase):
     hidden_dim: PositiveInt | None = None
     """Width of the MLP's hidden layer; default: the LLM's embedding dim."""
 
+    def resolved_hidden_dim(self, llm_dim: int) -> int:
+        return self.hidden_dim or llm_dim
+
 
 class MOSAConfig(_ProjectorBase):
-    """MOSA: two stride-2 convolutions (×4 downsampling), a ReLU router, dense softmax mix of adapters."""
+    """MOSA: two stride-2 convs (×4 downsampling), a ReLU router, dense softmax mix of adapters."""
 
     type: Literal["mosa"] = "mosa"
     num_experts: PositiveInt = 4
@@ -57,20 +68,21 @@ class MoEConfig(_ProjectorBase):
     """Weight of the load-balancing loss."""
     z_loss_coef: NonNegativeFloat = 1e-4
     """Weight of the router z-loss (logsumexp² of the router logits)."""
-    jitter_noise: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.01
+    jitter_noise: Annotated[float, BeforeValidator(_not_a_bool), Field(ge=0.0, lt=1.0)] = 0.01
     """Multiplicative uniform noise (1 ± ε) on router logits, training only."""
+
+    def resolved_hidden_dim(self, llm_dim: int) -> int:
+        return self.hidden_dim or llm_dim
 
     @model_validator(mode="after")
     def _top_k_within_experts(self) -> MoEConfig:
         if self.top_k > self.num_experts:
-            raise ValueError(
-                f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
-            )
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         return self
 
 
 class QFormerConfig(_ProjectorBase):
-    """BLIP-2 QFormer over fixed windows: window_size // downsample_rate learned queries per window."""
+    """BLIP-2 QFormer over fixed windows: window_size // downsample_rate queries per window."""
 
     type: Literal["qformer"] = "qformer"
     window_size: PositiveInt = 15
@@ -97,7 +109,21 @@ class QFormerConfig(_ProjectorBase):
 
     @property
     def num_queries(self) -> int:
+        """Learned queries per window: output frames per `window_size` input frames."""
         return self.window_size // self.downsample_rate
+
+    def resolved_hidden_size(self, encoder_dim: int) -> int:
+        """`hidden_size`, or the encoder's dim; raises naming `num_heads` if they do not divide."""
+        hidden = self.hidden_size or encoder_dim
+        if hidden % self.num_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must divide hidden_size ({hidden}"
+                f"{'' if self.hidden_size else ', the default: the encoder dim'})"
+            )
+        return hidden
+
+    def resolved_intermediate_size(self, encoder_dim: int) -> int:
+        return self.intermediate_size or 4 * self.resolved_hidden_size(encoder_dim)
 
 
 ProjectorConfig = Annotated[
