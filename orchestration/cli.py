@@ -43,8 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="one trial, no Ray")
     train.add_argument("config", help="trial config YAML (see sweeps/trials/)")
     _add_set(train)
-    train.add_argument("--out", default=None, help="output directory (default: ./projsweep-runs/train/<time>)")
-    train.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    train.add_argument(
+        "--out", default=None, help="output directory (default: ./projsweep-runs/train/<time>)"
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue from --out's last checkpoint"
+    )
     train.set_defaults(run="trainer.entry:train_command")
 
     validate = verbs.add_parser("validate", help="check sweep specs and sample a few configs")
@@ -55,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = verbs.add_parser("run", help="run a sweep on Ray Tune")
     run.add_argument("spec", metavar="SWEEP.yaml")
-    run.add_argument("--address", default=None, help="Ray address: `auto`, `ray://HOST:10001`; default local")
-    run.add_argument("--storage", default=None, help="experiment storage root (default ./projsweep-runs)")
+    run.add_argument(
+        "--address", default=None, help="Ray address: `auto`, `ray://HOST:10001`; default local"
+    )
+    run.add_argument(
+        "--storage", default=None, help="experiment storage root (default ./projsweep-runs)"
+    )
     run.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI")
     _add_set(run)
     run.set_defaults(run="orchestration.commands:run_command")
@@ -74,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = verbs.add_parser("export", help="write the best trial's config")
     export.add_argument("experiment_dir")
     export.add_argument("-o", "--output", required=True, metavar="BEST.yaml")
-    export.add_argument("--pareto", action="store_true", help="the non-dominated set (multi-objective)")
+    export.add_argument(
+        "--pareto", action="store_true", help="the non-dominated set (multi-objective)"
+    )
     export.set_defaults(run="orchestration.commands:export_command")
 
     report = verbs.add_parser("report", help="plots and an HTML page comparing trials")

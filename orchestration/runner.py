@@ -1,0 +1,237 @@
+"""Running a sweep on Ray Tune: Optuna search, ASHA, concurrency, resources, failures, resume.
+
+`run_sweep` writes `<storage>/<name>/` (Ray Tune's experiment directory, plus `spec.yaml`, the
+resolved spec, and `run.json`, how it was started) so that `resume`, `status` and `export` work from
+the directory alone. The encoder-feature cache is built once in the driver before trials start.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from orchestration.experiment import finish_sweep, load_experiment_spec
+from orchestration.layout import RUN_FILE, SPEC_FILE, STEP
+from orchestration.space import trial_count
+from orchestration.spec import AshaScheduler, SweepSpec, dump_sweep_spec
+from orchestration.trial import TrialSetup, run_trial, trial_dirname
+from trainer.overrides import ConfigError
+
+FORWARDED_ENV = ("PROJSWEEP_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+"""Environment the trials need as the driver has it (cluster workers do not inherit it)."""
+
+
+# --- Ray ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Connect to `address` (or the job's cluster), else start a local Ray in a private temp dir."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    temp_dir = None
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, runtime_env=runtime_env)
+    else:
+        # A short private path: Ray's socket paths must stay under ~107 characters, and
+        # concurrent sweeps on one machine must not share /tmp/ray.
+        temp_dir = tempfile.mkdtemp(prefix="psray-", dir="/tmp")
+        ray.init(include_dashboard=False, _temp_dir=temp_dir, runtime_env=runtime_env)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# --- search, scheduler, trainable --------------------------------------------------------------
+
+
+def _tpe_startup_trials(num_samples: int) -> int:
+    # Optuna's default (10 random trials) would make a 12-trial sweep almost pure random search.
+    return max(2, min(10, num_samples // 4))
+
+
+def build_searcher(spec: SweepSpec) -> Any:
+    """OptunaSearch over the define-by-run space, behind a ConcurrencyLimiter."""
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestration.space import grid_points, suggest_flat_config
+
+    search = spec.search
+    seed = search.seed
+    points = None
+    if search.algorithm == "grid":
+        # Every grid point is enqueued in order (a conditional grid is not a product, so
+        # Optuna's GridSampler cannot hold it); the sampler is never consulted.
+        points = grid_points(search) * (search.num_samples or 1)
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
+    elif search.algorithm == "random":
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    elif search.algorithm == "cmaes":
+        sampler = optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    else:
+        sampler = optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True,
+            n_startup_trials=_tpe_startup_trials(search.num_samples or 1),
+        )  # fmt: skip
+    multi = search.is_multi_objective
+    searcher = OptunaSearch(
+        space=functools.partial(suggest_flat_config, search=search),
+        metric=search.metrics if multi else search.metrics[0],
+        mode=search.modes if multi else search.modes[0],
+        sampler=sampler,
+        points_to_evaluate=points,
+    )
+    if search.max_concurrent:
+        return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+    return searcher
+
+
+def build_scheduler(spec: SweepSpec) -> Any:
+    """ASHA on the optimiser step, stopping on the first metric; None for FIFO."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = spec.search.scheduler
+    if not isinstance(scheduler, AshaScheduler):
+        return None
+    return ASHAScheduler(
+        time_attr=STEP,
+        metric=spec.search.metrics[0],
+        mode=spec.search.modes[0],
+        max_t=spec.max_steps,
+        grace_period=scheduler.grace_period,
+        reduction_factor=scheduler.reduction_factor,
+    )
+
+
+def build_trainable(spec: SweepSpec, experiment_dir: Path) -> Any:
+    """`run_trial` with the sweep's shared setup and per-trial resources."""
+    from ray import tune
+
+    res = spec.resources
+    setup = TrialSetup(
+        base=spec.base,
+        metrics=tuple(spec.search.metrics),
+        modes=tuple(spec.search.modes),
+        experiment_dir=str(experiment_dir),
+        workers=res.workers_per_trial,
+        cpus_per_worker=res.cpus_per_trial,
+        gpus_per_worker=res.gpus_per_trial,
+    )
+    trainable = tune.with_parameters(run_trial, setup=setup)
+    if res.workers_per_trial > 1:
+        # The trial only drives a Ray Train run whose workers hold the CPUs/GPUs; it must not
+        # take a whole CPU itself, or a 2-core machine could never start its 2 workers.
+        return tune.with_resources(trainable, {"cpu": 0.01})
+    return tune.with_resources(trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+
+
+def build_tuner(spec: SweepSpec, experiment_dir: Path) -> Any:
+    from ray import tune
+
+    return tune.Tuner(
+        build_trainable(spec, experiment_dir),
+        tune_config=tune.TuneConfig(
+            search_alg=build_searcher(spec),
+            scheduler=build_scheduler(spec),
+            num_samples=trial_count(spec),
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=str(experiment_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            # The latest checkpoint is all a restart needs; the best config is re-trainable.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=build_callbacks(experiment_dir),
+        ),
+    )
+
+
+def build_callbacks(experiment_dir: Path) -> list[Any]:
+    """Driver-side Tune callbacks. Issue 5's MLflow logger goes here: it sees every result,
+    including `log_points` (every log point since the previous result)."""
+    return []
+
+
+# --- run / resume ------------------------------------------------------------------------------
+
+
+def prepare_features(spec: SweepSpec) -> None:
+    """Build the base's encoder-feature cache once, before trials start (they then only read it)."""
+    from trainer.features import load_features
+
+    started = time.perf_counter()
+    load_features(spec.base)
+    print(f"projsweep: encoder features ready ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def _check_new_experiment(experiment_dir: Path) -> None:
+    if experiment_dir.exists() and any(experiment_dir.iterdir()):
+        raise ConfigError(
+            f"experiment directory {experiment_dir} already exists: continue it with "
+            f"`projsweep resume {experiment_dir}`, or pick another --storage or name"
+        )
+
+
+def run_sweep(
+    spec: SweepSpec, *, storage: Path, address: str | None = None, mlflow_uri: str | None = None
+) -> int:
+    """Run the sweep into `<storage>/<name>`; print the best trial. Exit code."""
+    experiment_dir = storage / spec.name
+    _check_new_experiment(experiment_dir)
+    prepare_features(spec)
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    (experiment_dir / SPEC_FILE).write_text(dump_sweep_spec(spec), encoding="utf-8")
+    settings = {"address": address, "mlflow_uri": mlflow_uri, "started": time.time()}
+    (experiment_dir / RUN_FILE).write_text(json.dumps(settings, indent=1), encoding="utf-8")
+    started = time.perf_counter()
+    with ray_session(address):
+        build_tuner(spec, experiment_dir).fit()
+    return finish_sweep(experiment_dir, time.perf_counter() - started)
+
+
+def resume_sweep(
+    experiment_dir: Path,
+    *,
+    address: str | None = None,
+    mlflow_uri: str | None = None,
+    retry_failed: bool = False,
+) -> int:
+    """Continue an interrupted sweep: unfinished trials resume from their checkpoints, finished
+    ones are kept as they are; failed ones run again from their checkpoint if `retry_failed`."""
+    from ray import tune
+
+    experiment_dir = experiment_dir.resolve()
+    spec = load_experiment_spec(experiment_dir)
+    if not tune.Tuner.can_restore(str(experiment_dir)):
+        raise ConfigError(f"{experiment_dir}: no Tune state to resume (did the sweep start?)")
+    settings = json.loads((experiment_dir / RUN_FILE).read_text(encoding="utf-8"))
+    address = address or settings.get("address")
+    started = time.perf_counter()
+    with ray_session(address):
+        tuner = tune.Tuner.restore(
+            str(experiment_dir),
+            trainable=build_trainable(spec, experiment_dir),
+            resume_unfinished=True,
+            resume_errored=retry_failed,
+        )
+        tuner.fit()
+    return finish_sweep(experiment_dir, time.perf_counter() - started)

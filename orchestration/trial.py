@@ -1,0 +1,150 @@
+"""The Tune trial function: a sampled config in, the trainer run, results out to Tune.
+
+`run_trial(config, setup)` is what every Tune trial executes. It makes the config typed at entry
+(`resolve_trial_config`), reports a rule-breaking combination as `skipped` without training, and
+otherwise calls `trainer.loop.train_trial` with a `TuneReporter`, resuming from Tune's checkpoint
+after a crash. With `workers_per_trial > 1` the loop runs data-parallel in a Ray Train
+`TorchTrainer` (`orchestration.distributed`).
+
+What Tune sees: one result per evaluation, not per log point. ASHA and the searcher compare
+`eval/*` values, which exist only at evaluations; each result carries the latest training metrics
+too, and every log point since the previous result under `log_points` (for a driver-side logger
+that wants full curves). A last result marks how the trial ended (`trial_status`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from orchestration.layout import (
+    LOG_POINTS,
+    PROJECTOR_FILE,
+    SKIP_REASON,
+    STEP,
+    TRIAL_STATUS,
+    trial_dirname_for,
+)
+from orchestration.space import resolve_trial_config
+from trainer.config import TrialConfig
+from trainer.overrides import ConfigError
+
+INFEASIBLE = 1e9
+"""Objective value told to the searcher for a skipped or diverged trial (signed by mode)."""
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a sweep shares (sent once through the object store)."""
+
+    base: TrialConfig
+    metrics: tuple[str, ...]
+    modes: tuple[str, ...]
+    experiment_dir: str
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def worst(self) -> dict[str, float]:
+        """The worst value of every objective: what a trial that did not train scores."""
+        return {
+            m: INFEASIBLE if mode == "min" else -INFEASIBLE
+            for m, mode in zip(self.metrics, self.modes, strict=True)
+        }
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return Path(self.experiment_dir, trial_dirname_for(trial_id))
+
+
+def trial_dirname(trial: Any) -> str:
+    """Tune's `trial_dirname_creator`: short names, no sampled values with odd characters."""
+    return trial_dirname_for(trial.trial_id)
+
+
+class TuneReporter:
+    """The trainer's `report` callable for a Tune trial: forwards evaluations to `tune.report`."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, float] = {}
+        self.pending: list[dict[str, float]] = []
+        self.step = 0
+
+    def __call__(
+        self, metrics: dict[str, float], step: int, checkpoint: Path | None = None
+    ) -> None:
+        self.latest.update(metrics)
+        self.pending.append({STEP: step, **metrics})
+        self.step = step
+        if checkpoint is None and "eval/wer" not in metrics:
+            return  # a training log point: no eval metric for ASHA or the searcher yet
+        saved = tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
+        tune.report(self.result(), checkpoint=saved)  # copies the checkpoint to storage now
+
+    def result(self, **extra: Any) -> dict[str, Any]:
+        """The latest value of every metric, the step, and the log points not yet sent."""
+        out = {**self.latest, STEP: self.step, LOG_POINTS: self.pending, **extra}
+        self.pending = []
+        return out
+
+
+@contextmanager
+def restored_checkpoint() -> Iterator[Path | None]:
+    """The directory of this trial's last Tune checkpoint (after a restart), or None."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as path:
+        yield Path(path)
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """One Tune trial: skip an infeasible sample, otherwise train and report."""
+    try:
+        cfg = resolve_trial_config(setup.base, config)
+    except ConfigError as err:
+        tune.report({**setup.worst(), STEP: 0, TRIAL_STATUS: "skipped", SKIP_REASON: str(err)})
+        return
+    trial_dir = setup.trial_dir(tune.get_context().get_trial_id())
+    reporter = TuneReporter()
+    with restored_checkpoint() as resume_from:
+        if setup.workers > 1:
+            from orchestration.distributed import train_data_parallel
+
+            status, message = train_data_parallel(cfg, reporter, setup, trial_dir, resume_from)
+        else:
+            status, message = _train_here(cfg, reporter, trial_dir, resume_from)
+    ending = {TRIAL_STATUS: status}
+    if status != "completed":
+        ending |= {**setup.worst(), SKIP_REASON: message}
+    tune.report(reporter.result(**ending))
+
+
+def _train_here(
+    cfg: TrialConfig, reporter: TuneReporter, trial_dir: Path, resume_from: Path | None
+) -> tuple[str, str]:
+    """Train in this process; keep the projector weights beside the trial's results."""
+    from trainer.loop import train_trial
+
+    workdir = local_workdir()
+    result = train_trial(cfg, reporter, workdir=workdir, resume_from=resume_from)
+    if result.status == "completed" and (workdir / PROJECTOR_FILE).is_file():
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(workdir / PROJECTOR_FILE, trial_dir / PROJECTOR_FILE)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result.status, result.message
+
+
+def local_workdir() -> Path:
+    """A fresh scratch directory in Tune's local trial directory (inside the Ray session, so a
+    trial that ASHA stops mid-step leaves nothing behind once Ray's session is cleaned up)."""
+    workdir = Path(tune.get_context().get_trial_dir(), "work")
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    return workdir
