@@ -257,17 +257,19 @@ class SweepSpec(_Strict):
 # --- loading -----------------------------------------------------------------------------------
 
 
+_UNION_TAGS = {"projector": PROJECTOR_TYPES, "scheduler": ("asha", "none")}
+
+
 def format_loc(loc: tuple[Any, ...]) -> str:
     """`search.space.train.lr.loguniform` from pydantic's location.
 
     Drops the tags pydantic puts into tagged-union locations (`…projector.moe.top_k`,
-    `…loguniform.loguniform`) so the path is the one the user wrote.
+    `…scheduler.asha.grace_period`, `…loguniform.loguniform`) so the path is the one the user wrote.
     """
     parts: list[str] = []
     for i, raw in enumerate(loc):
         part = str(raw)
-        after_projector = i > 0 and str(loc[i - 1]) == "projector"
-        if after_projector and part in PROJECTOR_TYPES:
+        if i > 0 and part in _UNION_TAGS.get(str(loc[i - 1]), ()):
             continue
         if parts and part == parts[-1] and part in DISTRIBUTION_KINDS:
             continue
