@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("experiment_dir")
     resume.add_argument("--address", default=None)
     resume.add_argument("--mlflow-uri", default=None)
+    resume.add_argument(
+        "--retry-failed", action="store_true", help="run failed trials again from their checkpoint"
+    )
     resume.set_defaults(run="orchestration.commands:resume_command")
 
     status = verbs.add_parser("status", help="table of a sweep's trials")
@@ -95,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit = verbs.add_parser("submit", help="submit `run` as a Ray job")
     submit.add_argument("spec", metavar="SWEEP.yaml")
     submit.add_argument("--address", required=True, help="Ray dashboard, e.g. http://HEAD:8265")
+    submit.add_argument(
+        "--storage", default=None, help="experiment storage root on the cluster (~/projsweep-runs)"
+    )
+    submit.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI for the job")
     _add_set(submit)
     submit.set_defaults(run="orchestration.commands:submit_command")
 

@@ -73,14 +73,19 @@ def run_command(args: argparse.Namespace) -> int:
     from orchestration.runner import run_sweep
 
     spec = load_sweep_spec(args.spec, args.overrides)
-    storage = Path(args.storage or DEFAULT_STORAGE).resolve()
+    storage = Path(args.storage or DEFAULT_STORAGE).expanduser().resolve()
     return run_sweep(spec, storage=storage, address=args.address, mlflow_uri=args.mlflow_uri)
 
 
 def resume_command(args: argparse.Namespace) -> int:
     from orchestration.runner import resume_sweep
 
-    return resume_sweep(Path(args.experiment_dir), address=args.address, mlflow_uri=args.mlflow_uri)
+    return resume_sweep(
+        Path(args.experiment_dir),
+        address=args.address,
+        mlflow_uri=args.mlflow_uri,
+        retry_failed=args.retry_failed,
+    )
 
 
 def status_command(args: argparse.Namespace) -> int:
@@ -105,7 +110,13 @@ def submit_command(args: argparse.Namespace) -> int:
     from orchestration.submit import submit_sweep
 
     load_sweep_spec(args.spec, args.overrides)  # bad input fails here, before anything is sent
-    return submit_sweep(args.spec, address=args.address, overrides=args.overrides)
+    return submit_sweep(
+        args.spec,
+        address=args.address,
+        overrides=args.overrides,
+        storage=args.storage,
+        mlflow_uri=args.mlflow_uri,
+    )
 
 
 def _not_yet(verb: str) -> int:

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from orchestration.layout import RUN_FILE, SPEC_FILE, STEP
 from orchestration.space import trial_count
 from orchestration.spec import AshaScheduler, SweepSpec, dump_sweep_spec
 from orchestration.trial import TrialSetup, run_trial, trial_dirname
+from trainer.config import TrialConfig
 from trainer.overrides import ConfigError
 
 FORWARDED_ENV = ("PROJSWEEP_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -43,8 +45,10 @@ def ray_session(address: str | None) -> Iterator[None]:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
     temp_dir = None
-    if address or os.environ.get("RAY_ADDRESS"):
+    if address:
         ray.init(address=address, runtime_env=runtime_env)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init()  # inside a Ray job: the job's runtime env (working dir, env vars) applies
     else:
         # A short private path: Ray's socket paths must stay under ~107 characters, and
         # concurrent sweeps on one machine must not share /tmp/ray.
@@ -87,10 +91,12 @@ def build_searcher(spec: SweepSpec) -> Any:
     elif search.algorithm == "cmaes":
         sampler = optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     else:
-        sampler = optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, group=True, constant_liar=True,
-            n_startup_trials=_tpe_startup_trials(search.num_samples or 1),
-        )  # fmt: skip
+        with warnings.catch_warnings():  # multivariate/group/constant_liar are "experimental"
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, group=True, constant_liar=True,
+                n_startup_trials=_tpe_startup_trials(search.num_samples or 1),
+            )  # fmt: skip
     multi = search.is_multi_objective
     searcher = OptunaSearch(
         space=functools.partial(suggest_flat_config, search=search),
@@ -174,12 +180,24 @@ def build_callbacks(experiment_dir: Path) -> list[Any]:
 # --- run / resume ------------------------------------------------------------------------------
 
 
-def prepare_features(spec: SweepSpec) -> None:
-    """Build the base's encoder-feature cache once, before trials start (they then only read it)."""
+def _build_features(base: TrialConfig) -> None:
     from trainer.features import load_features
 
+    load_features(base)
+
+
+def prepare_features(spec: SweepSpec) -> None:
+    """Build the base's encoder-feature cache once, before trials start (they then only read it).
+
+    It runs as a Ray task with one trial's resources, so on a cluster the encoder runs where the
+    GPUs are (the driver's node may have none); the cache directory must be shared by all nodes.
+    """
+    import ray
+
+    res = spec.resources
     started = time.perf_counter()
-    load_features(spec.base)
+    task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)(_build_features)
+    ray.get(task.remote(spec.base))
     print(f"projsweep: encoder features ready ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
@@ -197,13 +215,13 @@ def run_sweep(
     """Run the sweep into `<storage>/<name>`; print the best trial. Exit code."""
     experiment_dir = storage / spec.name
     _check_new_experiment(experiment_dir)
-    prepare_features(spec)
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    (experiment_dir / SPEC_FILE).write_text(dump_sweep_spec(spec), encoding="utf-8")
-    settings = {"address": address, "mlflow_uri": mlflow_uri, "started": time.time()}
-    (experiment_dir / RUN_FILE).write_text(json.dumps(settings, indent=1), encoding="utf-8")
-    started = time.perf_counter()
     with ray_session(address):
+        prepare_features(spec)
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        (experiment_dir / SPEC_FILE).write_text(dump_sweep_spec(spec), encoding="utf-8")
+        settings = {"address": address, "mlflow_uri": mlflow_uri, "started": time.time()}
+        (experiment_dir / RUN_FILE).write_text(json.dumps(settings, indent=1), encoding="utf-8")
+        started = time.perf_counter()
         build_tuner(spec, experiment_dir).fit()
     return finish_sweep(experiment_dir, time.perf_counter() - started)
 

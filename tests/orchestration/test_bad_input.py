@@ -1,4 +1,4 @@
-"""Bad sweep input exits 2 with one message naming the field, before Ray starts or a file is written.
+"""Bad sweep input: exit 2 and one message naming the field, before Ray starts or a file appears.
 
 Every case goes through `projsweep run` in-process; starting Ray or building features would fail
 the test (they are replaced by tripwires), and the storage directory must not appear.
