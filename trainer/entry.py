@@ -22,7 +22,7 @@ from accelerate import PartialState
 
 from trainer.checkpoint import STATE_FILE, latest_checkpoint
 from trainer.config import TrialConfig, dump_trial_config, load_trial_config
-from trainer.loop import TrialResult, final_metrics, train_trial
+from trainer.loop import TrialResult, cpu_only, final_metrics, train_trial
 from trainer.overrides import ConfigError
 
 
@@ -63,7 +63,7 @@ def train_command(args: argparse.Namespace) -> int:
         else Path("projsweep-runs", "train", time.strftime("%Y%m%d-%H%M%S"))
     )
     resume_from, history = _resume_point(out, cfg) if args.resume else (None, [])
-    state = PartialState()
+    state = PartialState(cpu=cpu_only())  # the process group, shared with the trial's Accelerator
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_trial_config(cfg), encoding="utf-8")
@@ -132,6 +132,6 @@ def _print_summary(result: TrialResult, seconds: float, out: Path) -> None:
     wer = (
         f"  WER {final['eval/wer']:.4f}  CER {final['eval/cer']:.4f}" if "eval/wer" in final else ""
     )
-    print(f"projsweep train: {result.status} in {seconds:.0f} s{wer}  → {out / 'metrics.json'}")
+    print(f"projsweep train: {result.status} in {seconds:.1f} s{wer}  → {out / 'metrics.json'}")
     if result.message:
         print(f"projsweep train: {result.message}", flush=True)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import jiwer
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from trainer.asr import SpeechLM, strip_generated
@@ -55,30 +56,29 @@ def evaluate(
     decode: Callable[[list[int]], str],
     max_new_tokens: int,
 ) -> dict[str, float]:
-    """Eval loss, WER and CER over `loader` (sharded across processes; results gathered).
+    """Eval loss, WER and CER over `loader`, this process's share of the eval set.
 
-    `model` is the unwrapped `SpeechLM`; `references[i]` is the text of eval item `i`.
+    `model` is the unwrapped `SpeechLM`; `references[i]` is the text of eval item `i`. Each process
+    scores its own batches; the per-utterance results are gathered once at the end as Python
+    objects, so processes may hold different numbers of batches of different sizes.
     """
     model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    hypotheses: dict[int, str] = {}
+    rows: list[tuple[int, float, int, str]] = []  # (eval index, loss sum, label tokens, hypothesis)
     with torch.no_grad(), accelerator.autocast():
         for batch in loader:
-            batch = batch.to(accelerator.device)  # no-op when the prepared loader moved it
+            batch = batch.to(accelerator.device)
             out = model(batch)
-            generated = model.generate(batch, max_new_tokens)  # B, N
-            per_sample = accelerator.gather_for_metrics(
-                (out.sample_loss_sum, out.sample_tokens, generated, batch.index)
+            generated = model.generate(batch, max_new_tokens).tolist()  # B, N
+            hyps = [decode(strip_generated(row, model.layout)) for row in generated]
+            rows += zip(
+                batch.index.tolist(),
+                out.sample_loss_sum.tolist(),
+                out.sample_tokens.tolist(),
+                hyps,
+                strict=True,
             )
-            sample_loss, sample_tokens, gen_all, index_all = per_sample
-            loss_sum += sample_loss.double().sum()
-            tokens += sample_tokens.double().sum()
-            for i, row in zip(index_all.tolist(), gen_all.tolist(), strict=True):
-                hypotheses[i] = decode(strip_generated(row, model.layout))
     model.train()
-    order = sorted(hypotheses)
-    rates = error_rates(
-        [references[i] for i in order], [hypotheses[i] for i in order], text_normalizer()
-    )
-    return {"eval/loss": float(loss_sum / tokens.clamp(min=1)), **rates}
+    rows = sorted(gather_object(rows))  # every process's rows, on every process
+    loss = sum(r[1] for r in rows) / max(sum(r[2] for r in rows), 1)
+    rates = error_rates([references[r[0]] for r in rows], [r[3] for r in rows], text_normalizer())
+    return {"eval/loss": loss, **rates}

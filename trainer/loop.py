@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
+from accelerate.utils.imports import get_torch_accelerator_backend
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
@@ -53,7 +54,7 @@ def train_trial(
 ) -> TrialResult:
     """Train one trial config; call `report` at log and eval points (main process only)."""
     tc, workdir = cfg.train, Path(workdir)
-    accelerator = make_accelerator(tc)
+    accelerator = make_accelerator(tc, sparse=cfg.model.projector.type == "moe")
     set_seed(tc.seed)
     with accelerator.main_process_first():  # the feature cache is built once, by rank 0 first
         splits = load_features(cfg)
@@ -143,21 +144,34 @@ def train_trial(
     return TrialResult(status, final_metrics(state.history), state.history, message)
 
 
-def make_accelerator(tc: TrainConfig) -> Accelerator:
+def make_accelerator(tc: TrainConfig, *, sparse: bool = False) -> Accelerator:
     """The process's Accelerator for this trial; precision is decided here, once.
 
     Accelerate keeps process-wide singletons, and a second `Accelerator` with another precision
     raises. Tune runs many trials in one worker process, so the per-trial parts are reset first;
-    the process group (`PartialState`) is kept.
+    the process group (`PartialState`) is kept. `sparse`: the model has parameters that some
+    steps do not use (a sparse MoE projector).
     """
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     return Accelerator(
+        cpu=cpu_only(),
         mixed_precision=tc.precision,
         gradient_accumulation_steps=tc.grad_accum,
-        # Sparse MoE experts may get no tokens in a step; DDP must not wait for their gradients.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # A sparse MoE expert may get no tokens in a step: DDP must not wait for its gradients
+        # (`sparse`). Elsewhere every parameter is used, and the search would only cost time.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=sparse)],
     )
+
+
+def cpu_only() -> bool:
+    """True on a machine with no accelerator at all.
+
+    Telling Accelerate so is what makes a multi-process launch (`accelerate launch --multi_gpu
+    --num_processes 2` sets RANK/WORLD_SIZE) run as MULTI_CPU over gloo instead of as N unrelated
+    single processes; Accelerate's own `--cpu` flag starts a single process unless MPI is used.
+    """
+    return get_torch_accelerator_backend()[0] is None
 
 
 def build_model(
@@ -240,16 +254,16 @@ class _Indexed(Dataset):
 def eval_data(
     eval_set: Dataset, batch_size: int, collate: AsrCollator, accelerator: Accelerator
 ) -> tuple[DataLoader, list[str]]:
-    """A prepared (sharded) eval loader in length order, and every item's reference text."""
+    """This process's eval loader (length-sorted batches, every `world`-th one) and the texts."""
     lengths = [int(n) for n in eval_set.lengths]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    mine = batches[accelerator.process_index :: accelerator.num_processes]
     gen_collate = AsrCollator(
         collate.tokenizer, collate.layout, collate.output_length, generation_prompt=True
     )
-    loader = DataLoader(_Indexed(eval_set), batch_sampler=batches, collate_fn=gen_collate)
-    references = [eval_set[i]["text"] for i in range(len(eval_set))]
-    return accelerator.prepare(loader), references
+    loader = DataLoader(_Indexed(eval_set), batch_sampler=mine, collate_fn=gen_collate)
+    return loader, [eval_set[i]["text"] for i in range(len(eval_set))]
 
 
 class Window:
