@@ -144,6 +144,38 @@ def max_audio_seconds(encoder: WhisperEncoder, extractor: WhisperFeatureExtracto
     return 2 * encoder.config.max_source_positions * extractor.hop_length / extractor.sampling_rate
 
 
+def log_mel(
+    extractor: WhisperFeatureExtractor, waveforms: Sequence[np.ndarray], device: torch.device
+) -> torch.Tensor:
+    """The extractor's log-mel [B, M, F] for the fixed window, without transforming the padding.
+
+    `WhisperFeatureExtractor` zero-pads every clip to the whole window (30 s for real checkpoints)
+    before its STFT. Frames that see only zeros come out as log10(1e-10) = -10, then clipped to
+    (max - 8); so the STFT runs over the longest clip plus n_fft zeros (every frame that still sees
+    audio), and the rest of the window is filled with that value. Equal to the extractor's output
+    up to float rounding (tested); settings this shortcut does not cover use the extractor itself.
+    """
+    if extractor.dither != 0.0 or extractor.padding_value != 0.0:
+        mel = extractor(list(waveforms), sampling_rate=extractor.sampling_rate, return_tensors="pt")
+        return mel.input_features.to(device)
+    n_fft, hop, full_frames = extractor.n_fft, extractor.hop_length, extractor.nb_max_frames
+    span = min(extractor.n_samples, max(len(w) for w in waveforms) + n_fft)
+    audio = np.zeros((len(waveforms), span), dtype=np.float32)  # B, N (longer clips cut, as there)
+    for row, wave in enumerate(waveforms):
+        clip = np.asarray(wave[:span], dtype=np.float32)
+        audio[row, : clip.size] = clip
+    audio = torch.from_numpy(audio).to(device)
+    window = torch.hann_window(n_fft, device=device)
+    stft = torch.stft(audio, n_fft, hop, window=window, return_complex=True)  # B, n_fft/2+1, N/hop+1
+    power = (stft[..., :-1].abs() ** 2).contiguous()  # the extractor drops the last frame too
+    filters = torch.from_numpy(extractor.mel_filters).to(device, torch.float32)
+    computed = (filters.T @ power).clamp(min=1e-10).log10()  # B, M, N/hop
+    log_spec = torch.full((len(waveforms), filters.shape[1], full_frames), -10.0, device=device)
+    log_spec[..., : computed.shape[-1]] = computed[..., :full_frames]  # B, M, F
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)
+    return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
+
 @torch.inference_mode()
 def encode_batch(
     encoder: WhisperEncoder,
@@ -160,12 +192,8 @@ def encode_batch(
             f"waveforms at {sampling_rate} Hz, extractor expects {extractor.sampling_rate}"
         )
     param = next(encoder.parameters())
-    mel = extractor(
-        [np.asarray(w, dtype=np.float32) for w in waveforms],
-        sampling_rate=sampling_rate,
-        return_tensors="pt",
-    ).input_features  # B, M, F (padded to the fixed window)
-    hidden = encoder(mel.to(param.device, param.dtype)).last_hidden_state  # B, F/2, C
+    mel = log_mel(extractor, waveforms, param.device)  # B, M, F (the whole fixed window)
+    hidden = encoder(mel.to(param.dtype)).last_hidden_state  # B, F/2, C
     max_positions = encoder.config.max_source_positions
     lengths = torch.tensor(
         [valid_frames(len(w), extractor.hop_length, max_positions) for w in waveforms],

@@ -43,7 +43,7 @@ from trainer.encoder import build_encoder, encode_batch, encoder_fingerprint, ma
 FEATURE_FORMAT = 1
 """Bump when the stored layout or the way features are computed changes."""
 DATA_FILE, META_FILE = "features.arrow", "meta.json"
-ENCODE_BATCH = 16  # clips per encoder call; memory, not speed, bounds it (the window is fixed)
+ENCODE_BATCH = 32  # clips per encoder call (on CPU, 32 ran ~2x faster per clip than 8)
 WRITE_CHUNK = 256  # clips decoded, encoded and written per Arrow record batch
 
 SCHEMA = pa.schema(
