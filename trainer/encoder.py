@@ -166,7 +166,9 @@ def log_mel(
         audio[row, : clip.size] = clip
     audio = torch.from_numpy(audio).to(device)
     window = torch.hann_window(n_fft, device=device)
-    stft = torch.stft(audio, n_fft, hop, window=window, return_complex=True)  # B, n_fft/2+1, N/hop+1
+    stft = torch.stft(
+        audio, n_fft, hop, window=window, return_complex=True
+    )  # B, n_fft/2+1, N/hop+1
     power = (stft[..., :-1].abs() ** 2).contiguous()  # the extractor drops the last frame too
     filters = torch.from_numpy(extractor.mel_filters).to(device, torch.float32)
     computed = (filters.T @ power).clamp(min=1e-10).log10()  # B, M, N/hop
