@@ -18,7 +18,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestration.layout import PROJECTOR_FILE
 from trainer.config import TrialConfig
 
 if TYPE_CHECKING:
@@ -29,6 +28,8 @@ STAGING = "staging"
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the trainer's loop; rank 0 forwards reports to the trial."""
+    import ray.train
+
     from trainer.loop import train_trial
 
     cfg: TrialConfig = config["cfg"]
@@ -45,8 +46,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="projsweep-worker-"))
     try:
         result = train_trial(cfg, forward, workdir=workdir, resume_from=config["resume_from"])
-        if (workdir / PROJECTOR_FILE).is_file():  # written by the main process only
-            shutil.copy2(workdir / PROJECTOR_FILE, trial_dir / PROJECTOR_FILE)
+        if ray.train.get_context().get_world_rank() == 0:
             queue.put({"status": result.status, "message": result.message})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -90,7 +90,7 @@ def train_data_parallel(
     from ray.util.queue import Queue
 
     trial_dir.mkdir(parents=True, exist_ok=True)
-    queue = Queue()
+    queue = Queue(actor_options={"num_cpus": 0})
     per_worker = {"CPU": setup.cpus_per_worker, "GPU": setup.gpus_per_worker}
     trainer = TorchTrainer(
         _worker_loop,

@@ -6,7 +6,7 @@ line per result) and `error.txt` when it raised. A trial's state follows from th
 
 | state | meaning |
 |---|---|
-| completed | trained to `train.max_steps` |
+| completed | trained to its `train.max_steps` |
 | stopped early | ASHA stopped it (last result `done`, no `trial_status`) |
 | skipped | the sampled combination broke a rule; never trained |
 | diverged | the training loss went non-finite |
@@ -38,6 +38,8 @@ class TrialRecord:
     trial_id: str
     params: dict[str, Any]
     results: list[dict[str, Any]]
+    max_steps: int
+    """The trial's training budget (its resolved `train.max_steps`)."""
     error: str | None = None
     evaluations: list[dict[str, Any]] = field(init=False)
 
@@ -52,6 +54,8 @@ class TrialRecord:
         last = self.results[-1] if self.results else {}
         if last.get(TRIAL_STATUS):
             return str(last[TRIAL_STATUS])
+        if self.evaluations and self.evaluations[-1].get(STEP, 0) >= self.max_steps:
+            return "completed"  # ASHA stops every trial at max_t, before its closing result
         if self.error is not None:
             return "failed"
         return "stopped early" if last.get("done") else "unfinished"
@@ -112,7 +116,14 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
     return results
 
 
-def _read_trial(trial_dir: Path) -> TrialRecord:
+def _trial_max_steps(spec: SweepSpec, params: dict[str, Any]) -> int:
+    try:
+        return resolve_trial_config(spec.base, params).train.max_steps
+    except ConfigError:  # a skipped trial: it has no budget
+        return spec.max_steps
+
+
+def _read_trial(spec: SweepSpec, trial_dir: Path) -> TrialRecord:
     params_file = trial_dir / "params.json"
     params = json.loads(params_file.read_text(encoding="utf-8")) if params_file.is_file() else {}
     error_file = trial_dir / "error.txt"
@@ -120,6 +131,7 @@ def _read_trial(trial_dir: Path) -> TrialRecord:
         trial_id=trial_dir.name.removeprefix("trial_"),
         params=params,
         results=_read_results(trial_dir / "result.json"),
+        max_steps=_trial_max_steps(spec, params),
         error=error_file.read_text(encoding="utf-8") if error_file.is_file() else None,
     )
 
@@ -140,7 +152,7 @@ def load_experiment(path: Path) -> Experiment:
     if not path.is_dir():
         raise ConfigError(f"experiment directory not found: {path}")
     spec = load_experiment_spec(path)
-    trials = [_read_trial(d) for d in sorted(path.glob("trial_*")) if d.is_dir()]
+    trials = [_read_trial(spec, d) for d in sorted(path.glob("trial_*")) if d.is_dir()]
     return Experiment(path, spec, trials)
 
 

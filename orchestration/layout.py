@@ -13,7 +13,8 @@ RUN_FILE = "run.json"
 BEST_FILE = "best.yaml"
 """The best trial's config, exported when a sweep ends."""
 PROJECTOR_FILE = "projector.safetensors"
-"""A finished trial's projector weights, in its trial directory."""
+"""The projector weights in a trial's checkpoint (`trial_<id>/checkpoint_*/`); the latest
+checkpoint of a completed trial holds its final weights."""
 
 # Keys of the results a trial reports to Tune.
 STEP = "step"

@@ -29,6 +29,8 @@ from trainer.overrides import ConfigError
 
 FORWARDED_ENV = ("PROJSWEEP_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 """Environment the trials need as the driver has it (cluster workers do not inherit it)."""
+DRIVER_MEMORY = 512 * 1024**2
+"""Memory reserved for a data-parallel trial's driver (its workers reserve their own)."""
 
 
 # --- Ray ---------------------------------------------------------------------------------------
@@ -143,9 +145,10 @@ def build_trainable(spec: SweepSpec, experiment_dir: Path) -> Any:
     )
     trainable = tune.with_parameters(run_trial, setup=setup)
     if res.workers_per_trial > 1:
-        # The trial only drives a Ray Train run whose workers hold the CPUs/GPUs; it must not
-        # take a whole CPU itself, or a 2-core machine could never start its 2 workers.
-        return tune.with_resources(trainable, {"cpu": 0.01})
+        # The trial only drives a Ray Train run whose workers hold the CPUs/GPUs; it takes no
+        # CPU itself, or a 2-core machine could never place its 2 one-CPU workers. (Ray wants
+        # some resource in a bundle: the driver's memory.)
+        return tune.with_resources(trainable, {"cpu": 0, "memory": DRIVER_MEMORY})
     return tune.with_resources(trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
 
 
@@ -164,8 +167,10 @@ def build_tuner(spec: SweepSpec, experiment_dir: Path) -> Any:
             name=spec.name,
             storage_path=str(experiment_dir.parent),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            # The latest checkpoint is all a restart needs; the best config is re-trainable.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # The latest checkpoint is all a restart needs (and holds a finished trial's
+            # weights); keeping two lets Tune snapshot its state less often.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=1,
             callbacks=build_callbacks(experiment_dir),
         ),
     )

@@ -9,7 +9,9 @@ after a crash. With `workers_per_trial > 1` the loop runs data-parallel in a Ray
 What Tune sees: one result per evaluation, not per log point. ASHA and the searcher compare
 `eval/*` values, which exist only at evaluations; each result carries the latest training metrics
 too, and every log point since the previous result under `log_points` (for a driver-side logger
-that wants full curves). A last result marks how the trial ended (`trial_status`).
+that wants full curves). A last result marks how the trial ended (`trial_status`) — unless ASHA
+stops the trial at its last evaluation (it stops everything that reaches `max_t`), in which case
+the reader tells "completed" from the step.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from ray import tune
 
 from orchestration.layout import (
     LOG_POINTS,
-    PROJECTOR_FILE,
     SKIP_REASON,
     STEP,
     TRIAL_STATUS,
@@ -111,15 +112,15 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     except ConfigError as err:
         tune.report({**setup.worst(), STEP: 0, TRIAL_STATUS: "skipped", SKIP_REASON: str(err)})
         return
-    trial_dir = setup.trial_dir(tune.get_context().get_trial_id())
     reporter = TuneReporter()
     with restored_checkpoint() as resume_from:
         if setup.workers > 1:
             from orchestration.distributed import train_data_parallel
 
+            trial_dir = setup.trial_dir(tune.get_context().get_trial_id())
             status, message = train_data_parallel(cfg, reporter, setup, trial_dir, resume_from)
         else:
-            status, message = _train_here(cfg, reporter, trial_dir, resume_from)
+            status, message = _train_here(cfg, reporter, resume_from)
     ending = {TRIAL_STATUS: status}
     if status != "completed":
         ending |= {**setup.worst(), SKIP_REASON: message}
@@ -127,24 +128,19 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
 
 def _train_here(
-    cfg: TrialConfig, reporter: TuneReporter, trial_dir: Path, resume_from: Path | None
+    cfg: TrialConfig, reporter: TuneReporter, resume_from: Path | None
 ) -> tuple[str, str]:
-    """Train in this process; keep the projector weights beside the trial's results."""
+    """Train in this process, in a scratch directory inside Tune's local trial directory (a
+    trial that ASHA stops mid-step leaves nothing behind once Ray's session is cleaned up).
+
+    The final weights need no copy of their own: the trainer evaluates and checkpoints at
+    `max_steps`, and Tune keeps that checkpoint (`checkpoint_*/projector.safetensors`).
+    """
     from trainer.loop import train_trial
 
-    workdir = local_workdir()
-    result = train_trial(cfg, reporter, workdir=workdir, resume_from=resume_from)
-    if result.status == "completed" and (workdir / PROJECTOR_FILE).is_file():
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(workdir / PROJECTOR_FILE, trial_dir / PROJECTOR_FILE)
-    shutil.rmtree(workdir, ignore_errors=True)
-    return result.status, result.message
-
-
-def local_workdir() -> Path:
-    """A fresh scratch directory in Tune's local trial directory (inside the Ray session, so a
-    trial that ASHA stops mid-step leaves nothing behind once Ray's session is cleaned up)."""
     workdir = Path(tune.get_context().get_trial_dir(), "work")
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    return workdir
+    result = train_trial(cfg, reporter, workdir=workdir, resume_from=resume_from)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result.status, result.message

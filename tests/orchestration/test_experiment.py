@@ -78,6 +78,7 @@ def experiment(tmp_path: Path) -> Path:
         MOE,
         [ev(50, 0.5), ev(100, 0.2), ev(100, 0.2, trial_status="completed", done=True)],
     )
+    write_trial(root, "asha", MLP, [ev(50, 0.5), ev(100, 0.25, done=True)])  # stopped at max_t
     write_trial(root, "bbbb", MLP, [ev(50, 0.6, done=True)])
     write_trial(
         root,
@@ -98,7 +99,7 @@ def experiment(tmp_path: Path) -> Path:
     )
     write_trial(root, "eeee", MLP, [ev(50, 0.1)], error="Traceback …\nRuntimeError: boom")
     write_trial(root, "ffff", MLP, [ev(50, 0.3)])
-    return root  # fmt: skip
+    return root
 
 
 def test_states_and_ranking(experiment: Path) -> None:
@@ -106,13 +107,14 @@ def test_states_and_ranking(experiment: Path) -> None:
     states = {t.trial_id: t.state for t in loaded.trials}
     assert states == {
         "aaaa": "completed",
+        "asha": "completed",
         "bbbb": "stopped early",
         "cccc": "skipped",
         "dddd": "diverged",
         "eeee": "failed",
         "ffff": "unfinished",
     }
-    assert [t.trial_id for t in loaded.ranked()] == ["aaaa", "ffff", "bbbb"]
+    assert [t.trial_id for t in loaded.ranked()] == ["aaaa", "asha", "ffff", "bbbb"]
     diverged = next(t for t in loaded.trials if t.trial_id == "dddd")
     assert diverged.last_value("eval/wer") == 0.4  # the stand-in value is not an evaluation
 
@@ -121,7 +123,7 @@ def test_status_prints_a_table(experiment: Path, capsys: pytest.CaptureFixture[s
     assert main(["status", str(experiment)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].startswith("fake: 6 trials")
+    assert lines[0].startswith("fake: 7 trials")
     header = lines[1].split()
     for column in ("trial", "state", "projector.type", "train.lr", "eval/wer", "steps"):
         assert column in header
