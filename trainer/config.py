@@ -121,7 +121,8 @@ class ModelConfig(_Section):
 class SyntheticDigitsConfig(_Section):
     """The spoken-digits corpus made with espeak-ng, generated into the cache on first use."""
 
-    num_utterances: PositiveInt = 2000
+    num_utterances: Annotated[int, Field(ge=3)] = 2000
+    """In all splits together (validation and test get 10 % each, at least one)."""
     seed: int = 0
     noise: Annotated[float, Field(ge=0.0)] = 0.0
     """Std of white noise added to each waveform (peak-normalised), 0 for none."""

@@ -34,22 +34,26 @@ class Utterance:
     text: str
 
 
-def _local_source(cfg: DataConfig) -> Path | None:
-    """The directory to `load_from_disk` (synthetic corpus or a local path); None for a hub id."""
+def _saved_dataset_dir(cfg: DataConfig) -> Path | None:
+    """The `save_to_disk` directory to load (the synthetic corpus or a local one), else None.
+
+    Anything else (a hub id, a local folder of parquet/csv files) goes to `load_dataset`.
+    """
     if cfg.synthetic is not None:
         from trainer.synth import ensure_synthetic_corpus
 
         return ensure_synthetic_corpus(cfg.synthetic)
     assert cfg.dataset is not None  # DataConfig validates exactly one source
     path = Path(cfg.dataset).expanduser()
-    return path if path.is_dir() else None
+    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    return path if saved else None
 
 
 def open_split(cfg: DataConfig, split: str) -> Dataset:
     """One split with only the audio and text columns, audio left undecoded."""
     import datasets
 
-    local = _local_source(cfg)
+    local = _saved_dataset_dir(cfg)
     if local is None:
         try:
             ds = datasets.load_dataset(cfg.dataset, cfg.config_name, split=split)

@@ -117,11 +117,15 @@ class _SplitRequest:
     max_seconds: float
 
 
-def split_cache_key(encoder_fp: str, data: DataConfig, dataset_fp: str, req: _SplitRequest) -> str:
-    settings = {
+def cache_settings(
+    encoder_fp: str, data: DataConfig, dataset_fp: str, req: _SplitRequest
+) -> dict[str, Any]:
+    """Everything that decides a split's cached features (hashed into its key, kept in meta)."""
+    return {
         "format": FEATURE_FORMAT,
         "encoder": encoder_fp,
         "dataset": dataset_fp,
+        "config_name": data.config_name,
         "split": req.split,
         "columns": [data.audio_column, data.text_column],
         "sampling_rate": data.sampling_rate,
@@ -129,6 +133,9 @@ def split_cache_key(encoder_fp: str, data: DataConfig, dataset_fp: str, req: _Sp
         "max_seconds": req.max_seconds,
         "limit": req.limit,
     }
+
+
+def cache_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -166,10 +173,12 @@ def _encode_chunk(
 
 
 def _build_split(
-    tmp: Path, *, data: DataConfig, req: _SplitRequest, encoder, extractor, key: str
+    tmp: Path, *, data: DataConfig, req: _SplitRequest, encoder, extractor, settings: dict[str, Any]
 ) -> None:
     """Decode, encode and write one split into `tmp` (the caller renames it into place)."""
-    print(f"features: caching split {req.split!r} (key {key})", file=sys.stderr, flush=True)
+    if torch.cuda.is_available():  # moved only when it runs: a cache hit never touches the GPU
+        encoder = encoder.to("cuda")
+    print(f"features: caching split {req.split!r} into {tmp.parent}", file=sys.stderr, flush=True)
     ds = open_split(data, req.split)
     skipped: Counter[str] = Counter()
     total = len(ds) if req.limit is None else min(len(ds), req.limit)
@@ -187,8 +196,6 @@ def _build_split(
             progress.update(len(chunk))
     seconds = progress.close()
     meta = {
-        "key": key,
-        "format": FEATURE_FORMAT,
         "split": req.split,
         "num_rows": rows,
         "num_frames": frames,
@@ -196,6 +203,7 @@ def _build_split(
         "skipped": dict(skipped),
         "build_seconds": round(seconds, 2),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "settings": settings,
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -214,19 +222,18 @@ def load_features(cfg: TrialConfig) -> FeatureSplits:
     """Train and eval encoder features for a trial, from the cache or computed into it."""
     encoder, extractor = build_encoder(cfg.model.encoder)
     encoder_fp = encoder_fingerprint(encoder, extractor, cfg.model.encoder)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     sets: list[FeatureSet] = []
     for req in _split_requests(cfg.data, max_audio_seconds(encoder, extractor)):
         dataset_fp = dataset_fingerprint(open_split(cfg.data, req.split))
-        key = split_cache_key(encoder_fp, cfg.data, dataset_fp, req)
-        path = cache_dir() / "features" / key
+        settings = cache_settings(encoder_fp, cfg.data, dataset_fp, req)
+        path = cache_dir() / "features" / cache_key(settings)
         build = partial(
             _build_split,
             data=cfg.data,
             req=req,
-            encoder=encoder.to(device),
+            encoder=encoder,
             extractor=extractor,
-            key=key,
+            settings=settings,
         )
         built = build_once(path, build, marker=META_FILE)
         sets.append(FeatureSet(path, from_cache=not built))

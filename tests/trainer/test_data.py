@@ -139,3 +139,24 @@ def test_synthetic_section_uses_the_cached_corpus(
     assert len(utterances) == 6 and skipped == {}
     assert all(u.waveform.dtype == np.float32 and u.text for u in utterances)
     assert len(list((tmp_path / "corpora").iterdir())) == 2  # the corpus and its lock file
+
+
+def test_folder_of_parquet_files_loads_like_a_hub_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`load_dataset` by name (here a local folder, as nothing can be downloaded), by split."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    cell = {"bytes": wav_bytes(_tone(200.0, SR, 0.5)), "path": None}
+    for split, n in (("train", 3), ("test", 2)):
+        table = pa.table({"audio": [cell] * n, "sentence": ["one two"] * n})
+        pq.write_table(table, tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet")
+    cfg = DataConfig(dataset=str(tmp_path / "hub"), text_column="sentence")
+    utterances, skipped = load_utterances(cfg, "test")
+    assert len(utterances) == 2 and skipped == {}
+    with pytest.raises(ConfigError, match="cannot load split 'dev'"):
+        open_split(cfg, "dev")
