@@ -67,11 +67,15 @@ class FeatureSet(TorchDataset):
     """
 
     def __init__(self, path: Path, *, from_cache: bool) -> None:
-        from datasets import Dataset
-
         self.path = path
         self.from_cache = from_cache
         """True when this process found the entry built; False when it built it."""
+        self._open()
+
+    def _open(self) -> None:
+        from datasets import Dataset
+
+        path = self.path
         self.meta: dict[str, Any] = json.loads((path / META_FILE).read_text())
         self.encoder_dim: int = self.meta["encoder_dim"]
         table = Dataset.from_file(str(path / DATA_FILE)).data.table  # memory-mapped
@@ -81,9 +85,19 @@ class FeatureSet(TorchDataset):
             offsets = chunk.offsets.to_numpy()
             self._rows.extend((values, int(a), int(b)) for a, b in pairwise(offsets))
         self.texts: list[str] = table.column("text").to_pylist()
+        """Transcripts in item order (the tiny tokenizer's vocabulary comes from these)."""
         self.audio_seconds: list[float] = table.column("audio_seconds").to_pylist()
         self.lengths: list[int] = table.column("num_frames").to_pylist()
         """Frames per item, for length-grouped batching."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get the path and map the file themselves: pickling the numpy views
+        # would copy the whole split into every worker.
+        return {"path": self.path, "from_cache": self.from_cache}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.from_cache = state["path"], state["from_cache"]
+        self._open()
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -59,6 +60,9 @@ def test_features_are_the_encoders_valid_frames_in_half_precision(
         )
     loader = torch.utils.data.DataLoader(splits.train, batch_size=4, collate_fn=list)
     assert len(next(iter(loader))) == 4
+    copy = pickle.loads(pickle.dumps(splits.train))  # what a DataLoader worker receives
+    assert len(pickle.dumps(splits.train)) < 1000  # the path, not the arrays
+    assert torch.equal(copy[5]["features"], splits.train[5]["features"])
 
 
 def test_second_load_is_a_cache_hit(
