@@ -34,11 +34,13 @@ from trainer.config import DataConfig, TrialConfig, cache_dir
 from trainer.data import (
     Utterance,
     dataset_fingerprint,
+    format_skipped,
     iter_utterances,
     open_split,
     report_skipped,
 )
 from trainer.encoder import build_encoder, encode_batch, encoder_fingerprint, max_audio_seconds
+from trainer.overrides import ConfigError
 
 FEATURE_FORMAT = 1
 """Bump when the stored layout or the way features are computed changes."""
@@ -209,6 +211,9 @@ def _build_split(
             frames += int(np.sum(record.column("num_frames").to_numpy()))
             progress.update(len(chunk))
     seconds = progress.close()
+    if rows == 0:  # raised before the rename: no empty entry is left in the cache
+        reasons = format_skipped(dict(skipped)) or "the split is empty"
+        raise ConfigError(f"data: no usable utterances in split {req.split!r} ({reasons})")
     meta = {
         "split": req.split,
         "num_rows": rows,

@@ -16,6 +16,7 @@ from trainer import features
 from trainer.data import load_utterances
 from trainer.encoder import build_encoder, encode_batch
 from trainer.features import FeatureSet, load_features
+from trainer.overrides import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +158,16 @@ def test_skipped_rows_are_counted_and_reported(
     assert len(splits.train) == 2
     assert splits.skipped == {"train/decode_error": 1, "train/empty_text": 1}
     assert "train/decode_error=1, train/empty_text=1" in capsys.readouterr().err
+
+
+def test_a_split_with_nothing_usable_is_a_config_error(tmp_path: Path, cache: Path) -> None:
+    ds = Dataset.from_dict({"audio": [{"bytes": b"broken", "path": None}], "text": ["one"]})
+    ds.save_to_disk(str(tmp_path / "broken"))
+    with pytest.raises(
+        ConfigError, match="no usable utterances in split 'train' \\(decode_error=1\\)"
+    ):
+        load_features(trial_config(tmp_path / "broken", eval_split="train"))
+    assert not cache.exists() or not [p for p in cache.iterdir() if p.is_dir()]
 
 
 def test_feature_set_reads_are_fast(corpus: Path, cache: Path) -> None:
