@@ -35,11 +35,12 @@ from trainer.audio import resample
 from trainer.espeak import EspeakUnavailableError, Speaker, check_available, open_speaker
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from datasets import DatasetDict
 
     from trainer.config import SyntheticDigitsConfig
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 """Bump when the generated audio changes, so cached corpora are regenerated."""
 
 SAMPLING_RATE = 16_000
@@ -202,13 +203,13 @@ def synthesize(
     return waves
 
 
-def _split_table(specs: list[UtteranceSpec], waves: list[np.ndarray]):  # -> pa.Table
+def _split_table(specs: list[UtteranceSpec], waves: list[np.ndarray]) -> pa.Table:
     import pyarrow as pa
 
     lengths = np.array([w.size for w in waves], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])  # int64: a split may pass 2**31 samples
     values = np.concatenate(waves) if waves else np.zeros(0, np.float32)
-    arrays = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.float32()))
+    arrays = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.float32()))
     rates = pa.array(np.full(len(waves), SAMPLING_RATE, dtype=np.int32))
     audio = pa.StructArray.from_arrays([arrays, rates], names=["array", "sampling_rate"])
     return pa.table(
@@ -221,7 +222,9 @@ def _split_table(specs: list[UtteranceSpec], waves: list[np.ndarray]):  # -> pa.
     )
 
 
-def build_dataset(specs: list[UtteranceSpec], waves: list[np.ndarray], fingerprint: str):
+def build_dataset(
+    specs: list[UtteranceSpec], waves: list[np.ndarray], fingerprint: str
+) -> DatasetDict:
     """A `DatasetDict` with plain float32 audio (no `Audio` feature: nothing needs torchcodec)."""
     from datasets import Dataset, DatasetDict, DatasetInfo, Features
 
@@ -244,7 +247,7 @@ def corpus_key(num: int, seed: int, noise: float) -> str:
 
 
 def write_corpus(out: Path, num: int, seed: int, noise: float) -> DatasetDict:
-    """Synthesize and `save_to_disk` a corpus into `out` (which must not exist yet)."""
+    """Synthesize and `save_to_disk` a corpus into `out` (missing or empty)."""
     specs = plan_corpus(num, seed)
     waves = synthesize(specs, noise, seed)
     corpus = build_dataset(specs, waves, corpus_key(num, seed, noise))
@@ -277,10 +280,7 @@ def ensure_synthetic_corpus(cfg: SyntheticDigitsConfig) -> Path:
     final = cache_dir() / "corpora" / f"digits-{key}"
 
     def build(tmp: Path) -> None:
-        write_corpus(tmp / "corpus", cfg.num_utterances, cfg.seed, cfg.noise)
-        for entry in (tmp / "corpus").iterdir():
-            entry.rename(tmp / entry.name)
-        (tmp / "corpus").rmdir()
+        write_corpus(tmp, cfg.num_utterances, cfg.seed, cfg.noise)
         (tmp / "projsweep-synth.json").write_text(json.dumps(cfg.model_dump() | {"key": key}))
 
     build_once(final, build, marker="dataset_dict.json")
