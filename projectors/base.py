@@ -82,6 +82,11 @@ class SimpleAdapter(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def as_lengths(lengths: Tensor | None, x: Tensor) -> Tensor | None:
+    """`lengths` as a long tensor on x's device (a loader may leave them on the CPU)."""
+    return None if lengths is None else lengths.to(device=x.device, dtype=torch.long)
+
+
 def full_lengths(x: Tensor, t: int | None = None) -> Tensor:
     """[B] long, all equal to `t` (default: x's T): every frame of x [B, T, …] valid."""
     t = x.shape[1] if t is None else t

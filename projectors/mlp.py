@@ -10,6 +10,7 @@ from projectors.base import (
     Projector,
     ProjectorOutput,
     RMSNorm,
+    as_lengths,
     full_lengths,
     host_lengths,
     no_loss,
@@ -40,18 +41,16 @@ def stack_frames(x: Tensor, k: int) -> Tensor:
     return x[:, : k * t_out].reshape(batch, t_out, k * dim)  # B, T, C -> B, T', k*C
 
 
-def stack_valid(
-    x: Tensor, lengths: Tensor | None, k: int
-) -> tuple[Tensor, Tensor, Tensor | None, int]:
+def _stack_valid(x: Tensor, lengths: Tensor | None, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """Stack frames and say which stacks are valid, with one device sync.
 
-    Returns tokens [B, T', k*C], output lengths [B], the flat index [N] of valid stacks in the
-    B*T' grid (None when all are valid, so callers skip packing) and N.
+    Returns tokens [B, T', k*C], output lengths [B] and the flat index [N] of the valid stacks in
+    the B*T' grid (None when all are valid: callers skip packing).
     """
     t_out = stacked_length(x.shape[1], k)
     if lengths is None:
-        return stack_frames(x, k), full_lengths(x, t_out), None, x.shape[0] * t_out
-    host = host_lengths(lengths)
+        return stack_frames(x, k), full_lengths(x, t_out), None
+    host = host_lengths(lengths)  # the one device sync: how many stacks to pack
     if min(host) < k:
         # A clip shorter than one stack is the only case where padding falls inside a valid stack.
         x = zero_padding(x, lengths)
@@ -59,8 +58,8 @@ def stack_valid(
     count = sum(stacked_length(n, k) for n in host)
     tokens = stack_frames(x, k)
     if count == x.shape[0] * t_out:
-        return tokens, out_lengths, None, count
-    return tokens, out_lengths, valid_positions(out_lengths, t_out, count), count
+        return tokens, out_lengths, None
+    return tokens, out_lengths, valid_positions(out_lengths, t_out, count)
 
 
 class MLPProjector(Projector):
@@ -89,7 +88,7 @@ class MLPProjector(Projector):
         return y if self.output_norm is None else self.output_norm(y)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> ProjectorOutput:
-        tokens, out_lengths, index, _ = stack_valid(x, lengths, self.k)
+        tokens, out_lengths, index = _stack_valid(x, as_lengths(lengths, x), self.k)
         if index is None:
             embeds = self._mlp(tokens)
         else:

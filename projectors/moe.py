@@ -13,6 +13,7 @@ from projectors.base import (
     ProjectorOutput,
     RMSNorm,
     SimpleAdapter,
+    as_lengths,
     full_lengths,
     no_loss,
     router_stats,
@@ -97,6 +98,7 @@ class MoEProjector(Projector):
         return stacked_length(t, self.k)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> ProjectorOutput:
+        lengths = as_lengths(lengths, x)
         if lengths is not None:
             # The router sees every stack, padding included, so padding must be finite and 0
             # (it also keeps a clip shorter than one stack equal to itself alone).

@@ -12,6 +12,7 @@ from projectors.base import (
     ProjectorOutput,
     RMSNorm,
     SimpleAdapter,
+    as_lengths,
     full_lengths,
     host_lengths,
     no_loss,
@@ -37,7 +38,7 @@ class MOSAProjector(Projector):
     `num_experts` Linear → GELU → Linear adapters of width `adapter_hidden_dim`. No aux loss.
 
     Shapes: x [B, T, C] -> conv [B, C, T/2] -> conv [B, D, T'] -> valid tokens packed [N, D] ->
-    router [N, E]; adapters as two GEMMs [N, D] -> [N, E*H] -> [N, D] -> embeds [B, T', D].
+    router [N, E], adapters [N, E, D] -> softmax-weighted sum [N, D] -> embeds [B, T', D].
 
     Padding never enters a convolution: padded frames are zeroed before each conv (what a lone
     clip's zero padding gives), and frames past the longest clip are dropped before the convs.
@@ -66,6 +67,7 @@ class MOSAProjector(Projector):
         return conv_length(conv_length(t))
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> ProjectorOutput:
+        lengths = as_lengths(lengths, x)
         batch, t_out = x.shape[0], self.output_length(x.shape[1])
         if lengths is None:
             h = self._downsample(x, None)  # B, T', D
@@ -74,8 +76,8 @@ class MOSAProjector(Projector):
             return self._output(embeds, full_lengths(x, t_out), probs)
 
         host = host_lengths(lengths)  # the one device sync: sizes for trimming and packing
-        # Frames past the longest clip would only ever meet padding.
-        h = self._downsample(x[:, : max(host)], lengths)  # B, t, D (t ≤ T')
+        # Frames past the longest clip would only ever meet padding (keep one: convs need input).
+        h = self._downsample(x[:, : max(*host, 1)], lengths)  # B, t, D (t ≤ T')
         out_lengths = self.output_length(lengths)
         count = sum(self.output_length(n) for n in host)
         if count == batch * h.shape[1]:
@@ -103,24 +105,19 @@ class MOSAProjector(Projector):
     def _mix(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """tokens [N, D] -> (softmax mixture of the adapters [N, D], routing probs [N, E]).
 
-        All adapters in two GEMMs: fc1 of every expert stacked along its output ([E*H, D]), and,
-        because fc2 is linear, gating each adapter's hidden by its weight before one fc2 stacked
-        along its input ([D, E*H]) equals the seed's weighted sum of adapter outputs.
+        One GEMM pair per adapter, not one batched matmul over stacked weights: measured on CPU
+        (N 800, D 1024, H 4096, E 4, fwd+bwd) the batched forms were 10–20% slower (a copy of every
+        weight per step, and bmm runs slower than mm), and a dense loop has no host sync and no
+        data-dependent shape, so on a GPU it costs only E launches.
         """
         probs = torch.softmax(self.router(tokens), dim=-1, dtype=torch.float32)  # N, E
-        fc1_weight = torch.cat([e.fc1.weight for e in self.experts])  # E*H, D
-        fc1_bias = torch.cat([e.fc1.bias for e in self.experts])  # E*H
-        fc2_weight = torch.cat([e.fc2.weight for e in self.experts], dim=1)  # D, E*H
-        fc2_bias = torch.stack([e.fc2.bias for e in self.experts])  # E, D
-        hidden = F.gelu(F.linear(tokens, fc1_weight, fc1_bias))  # N, E*H
-        gate = probs.to(hidden.dtype)
-        gated = hidden.view(len(tokens), self.num_experts, -1) * gate[:, :, None]  # N, E, H
-        mixed = F.linear(gated.flatten(1), fc2_weight) + gate @ fc2_bias.to(gate.dtype)  # N, D
+        outs = torch.stack([expert(tokens) for expert in self.experts], dim=1)  # N, E, D
+        mixed = torch.einsum("ned,ne->nd", outs, probs.to(outs.dtype))  # N, D
         return mixed, probs
 
     def _output(self, embeds: Tensor, out_lengths: Tensor, probs: Tensor) -> ProjectorOutput:
         if self.output_norm is not None:
             embeds = self.output_norm(embeds)  # RMSNorm(0) = 0: padding stays 0
-        return ProjectorOutput(
-            embeds, out_lengths, no_loss(embeds), router_stats(probs, probs.detach().mean(0))
-        )
+        # Load: each adapter's mean gate over valid tokens (0 for a batch of empty clips, as MoE's).
+        load = probs.detach().mean(0) if len(probs) else probs.new_zeros(probs.shape[1])
+        return ProjectorOutput(embeds, out_lengths, no_loss(embeds), router_stats(probs, load))

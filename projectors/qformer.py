@@ -12,6 +12,7 @@ from projectors.base import (
     Projector,
     ProjectorOutput,
     RMSNorm,
+    as_lengths,
     full_lengths,
     host_lengths,
     no_loss,
@@ -67,6 +68,7 @@ class QFormerProjector(Projector):
         return (t + self.window_size - 1) // self.window_size * self.num_queries
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> ProjectorOutput:
+        lengths = as_lengths(lengths, x)
         batch, t, _ = x.shape
         size = self.window_size
         num_windows = -(-t // size)  # ceil
@@ -98,6 +100,8 @@ class QFormerProjector(Projector):
 
     def _attend(self, windows: Tensor, frame_mask: Tensor, *, all_valid: bool) -> Tensor:
         """windows [N, S, C] with frame_mask [N, S] -> [N, Q, D]."""
+        if len(windows) == 0:  # only empty clips; the QFormer cannot reshape an empty batch
+            return self.linear(self.query.new_zeros(0, self.num_queries, self.query.shape[-1]))
         mask = None
         if not all_valid:
             # Zero, not just mask: a NaN in a masked value still poisons softmax(…) @ V.

@@ -92,6 +92,19 @@ def test_no_lengths_equals_full_lengths(kind: str) -> None:
     assert a.lengths.tolist() == b.lengths.tolist()
 
 
+@pytest.mark.parametrize("lengths", [[0, 9], [0, 0]], ids=str)
+@pytest.mark.parametrize("kind", TYPES)
+def test_empty_clips_give_zero_length_outputs(kind: str, lengths: list[int]) -> None:
+    proj = _build(kind).train()
+    x, lens = padded_batch(lengths, T)
+    out = proj(x, lens)
+    (out.embeds.square().sum() + out.aux_loss).backward()
+    assert out.lengths.tolist() == [proj.output_length(n) for n in lengths]
+    assert (out.embeds[0] == 0).all()
+    assert torch.isfinite(out.embeds).all() and torch.isfinite(out.aux_loss)
+    assert all(torch.isfinite(v) for v in out.stats.values())
+
+
 @pytest.mark.parametrize("kind", ["moe", "mosa"])
 def test_router_stats_count_valid_tokens_only(kind: str) -> None:
     """Batch stats are the token-weighted means of each sample's stats alone."""
