@@ -12,7 +12,6 @@ restarts it from its last checkpoint, as for a single-process trial.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -43,13 +42,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
             shutil.copytree(checkpoint, staged, dirs_exist_ok=True)
         queue.put({"metrics": metrics, "step": step, "checkpoint": str(staged) if staged else None})
 
-    workdir = Path(tempfile.mkdtemp(prefix="projsweep-worker-"))
-    try:
-        result = train_trial(cfg, forward, workdir=workdir, resume_from=config["resume_from"])
-        if ray.train.get_context().get_world_rank() == 0:
-            queue.put({"status": result.status, "message": result.message})
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    result = train_trial(cfg, forward, workdir=config["workdir"], resume_from=config["resume_from"])
+    if ray.train.get_context().get_world_rank() == 0:
+        queue.put({"status": result.status, "message": result.message})
 
 
 def _forward(item: dict[str, Any], reporter: TuneReporter) -> None:
@@ -89,7 +84,11 @@ def train_data_parallel(
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    trial_dir.mkdir(parents=True, exist_ok=True)
+    attempt = time.strftime("%Y%m%d-%H%M%S")
+    # One working directory for all ranks: every rank writes its RNG state into the checkpoint
+    # the main process creates (so, on a cluster, it lies on the shared storage).
+    workdir = trial_dir / f"work-{attempt}"
+    workdir.mkdir(parents=True)
     queue = Queue(actor_options={"num_cpus": 0})
     per_worker = {"CPU": setup.cpus_per_worker, "GPU": setup.gpus_per_worker}
     trainer = TorchTrainer(
@@ -98,6 +97,7 @@ def train_data_parallel(
             "cfg": cfg,
             "queue": queue,
             "trial_dir": str(trial_dir),
+            "workdir": workdir,
             "resume_from": resume_from,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -107,16 +107,19 @@ def train_data_parallel(
         ),
         run_config=ray.train.RunConfig(
             # Each attempt is its own Train run: restarts resume from Tune's checkpoint instead.
-            name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=f"attempt-{attempt}",
             storage_path=str(trial_dir / "train"),
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
     )
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        fit = pool.submit(trainer.fit)
-        outcome = _pump(queue, fit, reporter)
-        fit.result()  # a worker's error fails the trial here
-    shutil.rmtree(trial_dir / STAGING, ignore_errors=True)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            fit = pool.submit(trainer.fit)
+            outcome = _pump(queue, fit, reporter)
+            fit.result()  # a worker's error fails the trial here
+    finally:
+        shutil.rmtree(trial_dir / STAGING, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
     if not outcome:
         raise RuntimeError("the Ray Train workers ended without reporting the trial's outcome")
     return outcome["status"], outcome["message"]
