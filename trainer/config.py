@@ -42,8 +42,9 @@ class TinyEncoderConfig(_Section):
     num_heads: PositiveInt = 4
     ffn_dim: PositiveInt = 1024
     num_mel_bins: PositiveInt = 80
-    max_source_positions: PositiveInt = 500
-    """Encoder frames per (padded) input; 2× that many mel frames, 20 ms each (500 → 10 s)."""
+    max_source_positions: PositiveInt = 200
+    """Encoder frames per (padded) input, 20 ms each (200 → 4 s). The encoder always runs its
+    whole window, so this, not the clip length, sets the feature-caching cost."""
     seed: int = 0
 
     @model_validator(mode="after")
