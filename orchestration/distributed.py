@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from trainer.config import TrialConfig
 
 if TYPE_CHECKING:
-    from orchestration.trial import TrialSetup, TuneReporter
+    from orchestration.trial import TrialEnd, TrialSetup, TuneReporter
 
 STAGING = "staging"
 
@@ -29,6 +29,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the trainer's loop; rank 0 forwards reports to the trial."""
     import ray.train
 
+    from orchestration.trial import TrialEnd
     from trainer.loop import train_trial
 
     cfg: TrialConfig = config["cfg"]
@@ -44,7 +45,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     result = train_trial(cfg, forward, workdir=config["workdir"], resume_from=config["resume_from"])
     if ray.train.get_context().get_world_rank() == 0:
-        queue.put({"status": result.status, "message": result.message})
+        queue.put({"end": TrialEnd.of(result)})
 
 
 def _forward(item: dict[str, Any], reporter: TuneReporter) -> None:
@@ -54,20 +55,20 @@ def _forward(item: dict[str, Any], reporter: TuneReporter) -> None:
         shutil.rmtree(checkpoint, ignore_errors=True)  # tune.report has copied it to storage
 
 
-def _pump(queue: Any, fit: Future[Any], reporter: TuneReporter) -> dict[str, str]:
-    """Forward queued reports until `fit` ends; the last item is the trainer's outcome."""
+def _pump(queue: Any, fit: Future[Any], reporter: TuneReporter) -> TrialEnd | None:
+    """Forward queued reports until `fit` ends; the last item is how the trainer ended."""
     from ray.util.queue import Empty
 
-    outcome: dict[str, str] = {}
+    end = None
     while True:
         try:
             item = queue.get(timeout=0.5)
         except Empty:
             if fit.done() and queue.empty():
-                return outcome
+                return end
             continue
-        if "status" in item:
-            outcome = item
+        if "end" in item:
+            end = item["end"]
         else:
             _forward(item, reporter)
 
@@ -78,8 +79,8 @@ def train_data_parallel(
     setup: TrialSetup,
     trial_dir: Path,
     resume_from: Path | None,
-) -> tuple[str, str]:
-    """Run the trial on `setup.workers` Ray Train workers; (status, message) as the trainer ends."""
+) -> TrialEnd:
+    """Run the trial on `setup.workers` Ray Train workers; how the trainer ended."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
@@ -115,11 +116,11 @@ def train_data_parallel(
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             fit = pool.submit(trainer.fit)
-            outcome = _pump(queue, fit, reporter)
+            end = _pump(queue, fit, reporter)
             fit.result()  # a worker's error fails the trial here
     finally:
         shutil.rmtree(trial_dir / STAGING, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
-    if not outcome:
-        raise RuntimeError("the Ray Train workers ended without reporting the trial's outcome")
-    return outcome["status"], outcome["message"]
+    if end is None:
+        raise RuntimeError("the Ray Train workers ended without saying how the trial ended")
+    return end

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
@@ -35,6 +35,9 @@ from orchestration.layout import (
 from orchestration.space import resolve_trial_config
 from trainer.config import TrialConfig
 from trainer.overrides import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.loop import TrialResult
 
 INFEASIBLE = 1e9
 """Objective value told to the searcher for a skipped or diverged trial (signed by mode)."""
@@ -105,6 +108,22 @@ def restored_checkpoint() -> Iterator[Path | None]:
         yield Path(path)
 
 
+@dataclass(frozen=True)
+class TrialEnd:
+    """How the trainer ended: its status and message, and the last value of every metric over
+    the trial's whole history (a trial restored at its last step reports nothing new)."""
+
+    status: str
+    message: str
+    final: dict[str, float]
+    step: int
+
+    @classmethod
+    def of(cls, result: TrialResult) -> TrialEnd:
+        step = int(result.history[-1][STEP]) if result.history else 0
+        return cls(result.status, result.message, dict(result.final), step)
+
+
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """One Tune trial: skip an infeasible sample, otherwise train and report."""
     try:
@@ -118,18 +137,20 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             from orchestration.distributed import train_data_parallel
 
             trial_dir = setup.trial_dir(tune.get_context().get_trial_id())
-            status, message = train_data_parallel(cfg, reporter, setup, trial_dir, resume_from)
+            end = train_data_parallel(cfg, reporter, setup, trial_dir, resume_from)
         else:
-            status, message = _train_here(cfg, reporter, resume_from)
-    ending = {TRIAL_STATUS: status}
-    if status != "completed":
-        ending |= {**setup.worst(), SKIP_REASON: message}
+            end = _train_here(cfg, reporter, resume_from)
+    if resume_from is not None and not reporter.latest:
+        # Restored at its last step (it had finished when the driver died): its results are
+        # all in Tune already; reporting the ending again would only duplicate it.
+        return
+    ending = {**end.final, STEP: end.step, TRIAL_STATUS: end.status}
+    if end.status != "completed":
+        ending |= {**setup.worst(), SKIP_REASON: end.message}
     tune.report(reporter.result(**ending))
 
 
-def _train_here(
-    cfg: TrialConfig, reporter: TuneReporter, resume_from: Path | None
-) -> tuple[str, str]:
+def _train_here(cfg: TrialConfig, reporter: TuneReporter, resume_from: Path | None) -> TrialEnd:
     """Train in this process, in a scratch directory inside Tune's local trial directory (a
     trial that ASHA stops mid-step leaves nothing behind once Ray's session is cleaned up).
 
@@ -143,4 +164,4 @@ def _train_here(
     workdir.mkdir(parents=True)
     result = train_trial(cfg, reporter, workdir=workdir, resume_from=resume_from)
     shutil.rmtree(workdir, ignore_errors=True)
-    return result.status, result.message
+    return TrialEnd.of(result)
