@@ -29,6 +29,7 @@ from orchestration.table import format_table
 from trainer.config import dump_trial_config
 from trainer.overrides import ConfigError, read_yaml_mapping
 
+EXIT_INTERRUPTED = 130
 RANKED_STATES = ("completed", "stopped early", "unfinished")
 """States whose metrics are real evaluations and can be ranked."""
 
@@ -95,7 +96,10 @@ class Experiment:
         scored = [
             t for t in self.trials if t.state in RANKED_STATES and t.last_value(metric) is not None
         ]
-        return sorted(scored, key=lambda t: _signed(t.last_value(metric), mode))
+        # On a tie, a completed trial ranks first: its value is its final one.
+        return sorted(
+            scored, key=lambda t: (_signed(t.last_value(metric), mode), t.state != "completed")
+        )
 
 
 def _signed(value: float | None, mode: str) -> float:
@@ -275,4 +279,7 @@ def finish_sweep(experiment_dir: Path, seconds: float) -> int:
     print(f"projsweep: best trial {best.trial_id}: {values} (step {best.steps})")
     print(f"projsweep: best config: {best_path}  (run it: projsweep train {best_path})")
     print(f"projsweep: look at the results: projsweep status {experiment.path}")
+    if any(t.state == "unfinished" for t in experiment.trials):
+        print(f"projsweep: interrupted; continue it with: projsweep resume {experiment.path}")
+        return EXIT_INTERRUPTED
     return 0
