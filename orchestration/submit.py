@@ -1,6 +1,6 @@
 """`projsweep submit SWEEP.yaml --address http://HEAD:8265`: the sweep as a Ray job.
 
-The project directory (the one holding `pyproject.toml`) travels as the job's `working_dir`, minus
+The project directory (the nearest one above the spec holding `pyproject.toml`) travels as the job's `working_dir`, minus
 virtual environments, experiment outputs and caches; the job runs `python -m orchestration run …`
 in it on the cluster. The same happens with Ray's own CLI:
 `ray job submit --address http://HEAD:8265 --working-dir . -- projsweep run sweeps/moe.yaml`.
@@ -34,7 +34,7 @@ def project_root(start: Path) -> Path:
     for directory in [start, *start.parents]:
         if (directory / "pyproject.toml").is_file():
             return directory
-    raise ConfigError(f"no pyproject.toml at or above {start}: run submit inside the project")
+    raise ConfigError(f"no pyproject.toml at or above {start}: the sweep must be in the project")
 
 
 def auth_token() -> str | None:
@@ -71,9 +71,7 @@ def submit_sweep(
     from ray.job_submission import JobSubmissionClient
 
     spec = Path(spec_path).resolve()
-    root = project_root(Path.cwd().resolve())
-    if not spec.is_relative_to(root):
-        raise ConfigError(f"{spec_path}: must lie inside the project directory {root}")
+    root = project_root(spec.parent)
     token = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
