@@ -1,8 +1,8 @@
 """`projsweep submit SWEEP.yaml --address http://HEAD:8265`: the sweep as a Ray job.
 
-The project directory (the nearest one above the spec holding `pyproject.toml`) travels as the job's `working_dir`, minus
-virtual environments, experiment outputs and caches; the job runs `python -m orchestration run …`
-in it on the cluster. The same happens with Ray's own CLI:
+The project directory (the nearest one above the spec holding `pyproject.toml`) travels as the
+job's `working_dir`, minus virtual environments, experiment outputs and caches; the job runs
+`python -m orchestration run …` in it on the cluster. The same happens with Ray's own CLI:
 `ray job submit --address http://HEAD:8265 --working-dir . -- projsweep run sweeps/moe.yaml`.
 
 Token auth (Ray ≥ 2.59 turns it on for clusters started with `ray start`): the token is read from
