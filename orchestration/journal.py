@@ -30,6 +30,7 @@ class Journal:
         self._acked: set[int] = set()
         self._last_step: dict[str, int] = {}
         self._ended: dict[str, str] = {}
+        self._started: set[str] = set()
         self._next = 0
         if path.is_file():
             self._load()
@@ -53,6 +54,8 @@ class Journal:
         if entry["op"] == "metrics" and entry["metrics"]:
             top = max(int(m[3]) for m in entry["metrics"])
             self._last_step[run] = max(self._last_step.get(run, -1), top)
+        elif entry["op"] == "start":
+            self._started.add(run)
         elif entry["op"] == "end":
             self._ended[run] = entry["state"]
         self._entries[entry_id] = entry
@@ -87,6 +90,9 @@ class Journal:
         """The highest step journaled for `run` (-1 if none): a restarted trial repeats the steps
         after its last checkpoint, and MLflow must see each step once."""
         return self._last_step.get(run, -1)
+
+    def started(self, run: str) -> bool:
+        return run in self._started
 
     def ended(self, run: str) -> str | None:
         """The final state journaled for `run`, if any."""

@@ -124,6 +124,8 @@ class MlflowSink:
             self._start(entry)
         elif op == "metrics":
             self._metrics(entry)
+        elif op == "log":
+            self._log(self._known_run(entry["run"]), entry)
         elif op == "end":
             self._end(entry)
         else:
@@ -213,7 +215,13 @@ class MlflowSink:
             self.client.log_batch(run_id, metrics=list(chunk))
 
     def _end(self, entry: dict[str, Any]) -> None:
+        """Log the run's last artifacts and tags, its final state, and terminate it."""
         run_id = self._known_run(entry["run"])
+        self._log(run_id, {**entry, "tags": {TAG_STATE: entry["state"], **entry.get("tags", {})}})
+        self.client.set_terminated(run_id, status=entry["status"])
+
+    def _log(self, run_id: str, entry: dict[str, Any]) -> None:
+        """Text artifacts, files or directories, and tags."""
         self._texts(run_id, entry.get("texts", {}))
         for local, artifact_path in entry.get("files", []):
             path = Path(local)
@@ -223,9 +231,8 @@ class MlflowSink:
                 self.client.log_artifacts(run_id, str(path), artifact_path)
             else:
                 self.client.log_artifact(run_id, str(path), artifact_path)
-        for key, value in {TAG_STATE: entry["state"], **entry.get("tags", {})}.items():
+        for key, value in entry.get("tags", {}).items():
             self.client.set_tag(run_id, key, value)
-        self.client.set_terminated(run_id, status=entry["status"])
 
     def _texts(self, run_id: str, texts: dict[str, str]) -> None:
         for artifact_file, text in texts.items():
