@@ -119,14 +119,19 @@ def submit_command(args: argparse.Namespace) -> int:
     )
 
 
-def _not_yet(verb: str) -> int:
-    print(f"projsweep {verb}: not implemented yet (issue 5: MLflow tracking)", file=sys.stderr)
-    return EXIT_FAILURE
-
-
 def report_command(args: argparse.Namespace) -> int:
-    return _not_yet("report")
+    from orchestration.experiment import load_experiment
+    from orchestration.mlflow_sink import log_report
+    from orchestration.report import write_report
+
+    experiment = load_experiment(Path(args.experiment_dir))
+    out = write_report(experiment, Path(args.output))
+    print(f"wrote {out / 'index.html'} and {len(list(out.glob('*.png')))} plots")
+    log_report(experiment.path, out, experiment.spec.name)
+    return EXIT_OK
 
 
 def ui_command(args: argparse.Namespace) -> int:
-    return _not_yet("ui")
+    from orchestration.mlflow_store import run_ui
+
+    return run_ui(args.port)
