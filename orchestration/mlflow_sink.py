@@ -304,3 +304,17 @@ class Recorder:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:300]
+
+
+def log_report(experiment_dir: Path, report_dir: Path, experiment_name: str) -> bool:
+    """Log a report directory to the sweep's parent run (journaled like everything else)."""
+    ids = RunIds(experiment_dir)
+    if ids.tracking_uri is None:
+        say(f"{experiment_dir} has no MLflow run ({IDS_FILE}); the report stays local")
+        return False
+    recorder = Recorder(experiment_dir, ids.tracking_uri, experiment_name)
+    recorder.record("log", SWEEP, files=[[str(report_dir.resolve()), "report"]])
+    if recorder.flush(force=True):
+        say(f"report logged to run {recorder.run_id(SWEEP)} at {ids.tracking_uri}")
+        return True
+    return False

@@ -106,3 +106,25 @@ def server_command(backend_uri: str, *, port: int, host: str = "127.0.0.1") -> l
 
 def server_env() -> dict[str, str]:
     return {**os.environ, **LIGHT_SERVER_ENV}
+
+
+def run_ui(port: int) -> int:
+    """`mlflow server` on 127.0.0.1 over the default store (or `MLFLOW_TRACKING_URI`'s) until
+    Ctrl-C. Exit code."""
+    import subprocess
+
+    uri = resolve_tracking_uri(None)
+    if is_server(uri):
+        print(f"projsweep ui: MLFLOW_TRACKING_URI is a server already: open {uri}")
+        return 0
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        print(f"projsweep ui: no runs yet in {db} (run a sweep from this directory first)")
+    print(f"projsweep ui: MLflow UI on http://127.0.0.1:{port} over {uri} (Ctrl-C stops it)")
+    server = subprocess.Popen(server_command(uri, port=port), env=server_env())
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        server.wait(timeout=30)
+        return 0
