@@ -24,6 +24,15 @@ def _add_set(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_mlflow_continue(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mlflow-continue",
+        action="store_true",
+        help="run even if the MLflow tracking server is unreachable (metrics are journaled "
+        "under the experiment directory and sent when it is back)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="projsweep",
@@ -66,13 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage", default=None, help="experiment storage root (default ./projsweep-runs)"
     )
     run.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI")
+    _add_mlflow_continue(run)
     _add_set(run)
     run.set_defaults(run="orchestration.commands:run_command")
 
     resume = verbs.add_parser("resume", help="continue an interrupted sweep")
     resume.add_argument("experiment_dir")
     resume.add_argument("--address", default=None)
-    resume.add_argument("--mlflow-uri", default=None)
+    resume.add_argument("--mlflow-uri", default=None, help="default: the one the sweep used")
+    _add_mlflow_continue(resume)
     resume.add_argument(
         "--retry-failed", action="store_true", help="run failed trials again from their checkpoint"
     )

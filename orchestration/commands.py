@@ -74,7 +74,13 @@ def run_command(args: argparse.Namespace) -> int:
 
     spec = load_sweep_spec(args.spec, args.overrides)
     storage = Path(args.storage or DEFAULT_STORAGE).expanduser().resolve()
-    return run_sweep(spec, storage=storage, address=args.address, mlflow_uri=args.mlflow_uri)
+    return run_sweep(
+        spec,
+        storage=storage,
+        address=args.address,
+        mlflow_uri=args.mlflow_uri,
+        mlflow_continue=args.mlflow_continue,
+    )
 
 
 def resume_command(args: argparse.Namespace) -> int:
@@ -84,6 +90,7 @@ def resume_command(args: argparse.Namespace) -> int:
         Path(args.experiment_dir),
         address=args.address,
         mlflow_uri=args.mlflow_uri,
+        mlflow_continue=args.mlflow_continue,
         retry_failed=args.retry_failed,
     )
 

@@ -152,7 +152,7 @@ def build_trainable(spec: SweepSpec, experiment_dir: Path) -> Any:
     return tune.with_resources(trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
 
 
-def build_tuner(spec: SweepSpec, experiment_dir: Path) -> Any:
+def build_tuner(spec: SweepSpec, experiment_dir: Path, tracker: Any = None) -> Any:
     from ray import tune
 
     return tune.Tuner(
@@ -171,15 +171,15 @@ def build_tuner(spec: SweepSpec, experiment_dir: Path) -> Any:
             # weights); keeping two lets Tune snapshot its state less often.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=1,
-            callbacks=build_callbacks(experiment_dir),
+            callbacks=build_callbacks(tracker),
         ),
     )
 
 
-def build_callbacks(experiment_dir: Path) -> list[Any]:
-    """Driver-side Tune callbacks. Issue 5's MLflow logger goes here: it sees every result,
-    including `log_points` (every log point since the previous result)."""
-    return []
+def build_callbacks(tracker: Any = None) -> list[Any]:
+    """Driver-side Tune callbacks: the sweep's MLflow tracker (`orchestration.tracking`), the
+    only MLflow writer, which sees every result with its `log_points`."""
+    return [tracker] if tracker is not None else []
 
 
 # --- run / resume ------------------------------------------------------------------------------
@@ -215,20 +215,28 @@ def _check_new_experiment(experiment_dir: Path) -> None:
 
 
 def run_sweep(
-    spec: SweepSpec, *, storage: Path, address: str | None = None, mlflow_uri: str | None = None
+    spec: SweepSpec,
+    *,
+    storage: Path,
+    address: str | None = None,
+    mlflow_uri: str | None = None,
+    mlflow_continue: bool = False,
 ) -> int:
     """Run the sweep into `<storage>/<name>`; print the best trial. Exit code."""
+    from orchestration.tracking import open_tracking
+
     experiment_dir = storage / spec.name
     _check_new_experiment(experiment_dir)
+    tracking = open_tracking(spec, experiment_dir, mlflow_uri, keep_going=mlflow_continue)
     with ray_session(address):
         prepare_features(spec)
         experiment_dir.mkdir(parents=True, exist_ok=True)
         (experiment_dir / SPEC_FILE).write_text(dump_sweep_spec(spec), encoding="utf-8")
-        settings = {"address": address, "mlflow_uri": mlflow_uri, "started": time.time()}
+        settings = {"address": address, "mlflow_uri": tracking.uri, "started": time.time()}
         (experiment_dir / RUN_FILE).write_text(json.dumps(settings, indent=1), encoding="utf-8")
         started = time.perf_counter()
-        build_tuner(spec, experiment_dir).fit()
-    return finish_sweep(experiment_dir, time.perf_counter() - started)
+        build_tuner(spec, experiment_dir, tracking.callback(address)).fit()
+    return tracking.finish(finish_sweep(experiment_dir, time.perf_counter() - started))
 
 
 def resume_sweep(
@@ -236,11 +244,14 @@ def resume_sweep(
     *,
     address: str | None = None,
     mlflow_uri: str | None = None,
+    mlflow_continue: bool = False,
     retry_failed: bool = False,
 ) -> int:
     """Continue an interrupted sweep: unfinished trials resume from their checkpoints, finished
     ones are kept as they are; failed ones run again from their checkpoint if `retry_failed`."""
     from ray import tune
+
+    from orchestration.tracking import open_tracking, use_tracker
 
     experiment_dir = experiment_dir.resolve()
     spec = load_experiment_spec(experiment_dir)
@@ -248,6 +259,8 @@ def resume_sweep(
         raise ConfigError(f"{experiment_dir}: no Tune state to resume (did the sweep start?)")
     settings = json.loads((experiment_dir / RUN_FILE).read_text(encoding="utf-8"))
     address = address or settings.get("address")
+    mlflow_uri = mlflow_uri or settings.get("mlflow_uri")
+    tracking = open_tracking(spec, experiment_dir, mlflow_uri, keep_going=mlflow_continue)
     started = time.perf_counter()
     with ray_session(address):
         tuner = tune.Tuner.restore(
@@ -256,5 +269,6 @@ def resume_sweep(
             resume_unfinished=True,
             resume_errored=retry_failed,
         )
+        use_tracker(tuner, tracking.callback(address))
         tuner.fit()
-    return finish_sweep(experiment_dir, time.perf_counter() - started)
+    return tracking.finish(finish_sweep(experiment_dir, time.perf_counter() - started))
