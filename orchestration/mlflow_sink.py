@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.journal import JOURNAL_FILE, Journal
-from orchestration.mlflow_store import artifact_root, quick_http_env
+from orchestration.mlflow_store import artifact_root, quick_http_env, sqlite_path
 
 IDS_FILE = "mlflow.json"
 SWEEP = "sweep"
@@ -89,6 +89,9 @@ class MlflowSink:
         from mlflow import MlflowClient
 
         self.uri, self.ids, self.name = uri, ids, experiment_name
+        db = sqlite_path(uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(uri)
         if ids.tracking_uri != uri:  # another store (resume --mlflow-uri): its own ids
             ids.tracking_uri, ids.experiment_id, ids.runs = uri, None, {}

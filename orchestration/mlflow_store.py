@@ -73,12 +73,9 @@ def quick_http_env() -> None:
 def unreachable_reason(uri: str) -> str | None:
     """Why the tracking store cannot be used now, or None when it answers."""
     db = sqlite_path(uri)
-    if db is not None:
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            return f"cannot create {db.parent}: {err}"
-        return None if os.access(db.parent, os.W_OK) else f"{db.parent} is not writable"
+    if db is not None:  # checked without writing: bad input must leave nothing behind
+        existing = next(p for p in db.parents if p.exists())
+        return None if os.access(existing, os.W_OK) else f"{existing} is not writable"
     if not is_server(uri):
         return None
     quick_http_env()

@@ -141,7 +141,7 @@ def plot_wer_vs_throughput(
     ax = fig.add_subplot()
     for speed, wer, trial in rows:
         ax.scatter(speed, wer, color=STATE_COLORS.get(trial.state, "tab:red"), s=36)
-        ax.annotate(trial.trial_id[-5:], (speed, wer), fontsize=7, alpha=0.7)
+        ax.annotate(trial.trial_id, (speed, wer), fontsize=7, alpha=0.7)
     front = pareto_front([(s, w) for s, w, _ in rows])
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1.2)
     ax.scatter([p[0] for p in front], [p[1] for p in front], facecolors="none",

@@ -49,7 +49,7 @@ class Tracking:
     def finish(self, exit_code: int) -> int:
         """After the sweep: settle every trial's run, log the report and best config on the
         parent, and send the journal (the exit code stays the sweep's)."""
-        finish_tracking(self.spec, self.experiment_dir, self.uri, sweep_ok=exit_code == 0)
+        finish_tracking(self.spec, self.experiment_dir, self.uri, exit_code=exit_code)
         return exit_code
 
 
@@ -181,21 +181,23 @@ def use_tracker(tuner: Any, tracker: SweepTracker) -> None:
 # --- the end of a sweep --------------------------------------------------------------------------
 
 
-def finish_tracking(spec: SweepSpec, experiment_dir: Path, uri: str, *, sweep_ok: bool) -> None:
-    from orchestration.experiment import load_experiment
+def finish_tracking(spec: SweepSpec, experiment_dir: Path, uri: str, *, exit_code: int) -> None:
+    """An interrupted sweep's parent run stays running (`resume` continues it)."""
+    from orchestration.experiment import EXIT_INTERRUPTED, load_experiment
 
     recorder = Recorder(experiment_dir, uri, spec.name)
     experiment = load_experiment(experiment_dir)
     settle_trials(recorder, experiment)
     report_dir = write_sweep_report(experiment)
-    recorder.record("metrics", SWEEP, metrics=_best_values(experiment))
-    end = {
-        "state": "completed" if sweep_ok else "failed",
-        "status": "FINISHED" if sweep_ok else "FAILED",
-        "files": _sweep_files(experiment, report_dir),
-        "tags": _sweep_summary(experiment),
-    }
-    recorder.record("end", SWEEP, **end)
+    best = [m for m in _best_values(experiment) if m[3] > recorder.journal.last_step(SWEEP)]
+    if best:  # once per step: a resumed sweep that ends again does not repeat the point
+        recorder.record("metrics", SWEEP, metrics=best)
+    log = {"files": _sweep_files(experiment, report_dir), "tags": _sweep_summary(experiment)}
+    if exit_code == EXIT_INTERRUPTED:
+        recorder.record("log", SWEEP, **log)
+    else:
+        state, status = ("completed", "FINISHED") if exit_code == 0 else ("failed", "FAILED")
+        recorder.record("end", SWEEP, state=state, status=status, **log)
     send_journal(recorder)
 
 
