@@ -30,7 +30,7 @@ from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint, s
 from trainer.config import TrainConfig, TrialConfig
 from trainer.decoder import build_decoder, prompt_layout, save_decoder
 from trainer.evaluation import evaluate
-from trainer.features import load_features
+from trainer.features import FeatureSet, load_features
 
 Status = Literal["completed", "diverged", "failed"]
 
@@ -175,11 +175,11 @@ def cpu_only() -> bool:
 
 
 def build_model(
-    cfg: TrialConfig, train_set: Dataset, encoder_dim: int, precision: str
+    cfg: TrialConfig, train_set: FeatureSet, encoder_dim: int, precision: str
 ) -> tuple[SpeechLM, PreTrainedTokenizerBase]:
     """Decoder + tokenizer, projector and prompt layout, as a `SpeechLM` (on the CPU)."""
     dec_cfg = cfg.model.decoder
-    texts = [train_set[i]["text"] for i in range(len(train_set))] if dec_cfg.tiny else []
+    texts = train_set.texts if dec_cfg.tiny else []
     # A frozen pretrained LLM may sit in bf16 under bf16 autocast; trained weights stay fp32.
     dtype = torch.bfloat16 if precision == "bf16" and not dec_cfg.trainable else torch.float32
     decoder, tokenizer = build_decoder(dec_cfg, texts=texts, dtype=dtype)
@@ -252,7 +252,7 @@ class _Indexed(Dataset):
 
 
 def eval_data(
-    eval_set: Dataset, batch_size: int, collate: AsrCollator, accelerator: Accelerator
+    eval_set: FeatureSet, batch_size: int, collate: AsrCollator, accelerator: Accelerator
 ) -> tuple[DataLoader, list[str]]:
     """This process's eval loader (length-sorted batches, every `world`-th one) and the texts."""
     lengths = [int(n) for n in eval_set.lengths]
@@ -263,7 +263,7 @@ def eval_data(
         collate.tokenizer, collate.layout, collate.output_length, generation_prompt=True
     )
     loader = DataLoader(_Indexed(eval_set), batch_sampler=mine, collate_fn=gen_collate)
-    return loader, [eval_set[i]["text"] for i in range(len(eval_set))]
+    return loader, list(eval_set.texts)
 
 
 class Window:

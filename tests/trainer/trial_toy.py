@@ -42,6 +42,7 @@ class ToyFeatureSet(Dataset):
                 }
             )
         self.lengths = [it["features"].shape[0] for it in self.items]
+        self.texts = [it["text"] for it in self.items]
 
     def __len__(self) -> int:
         return len(self.items)
