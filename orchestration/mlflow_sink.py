@@ -29,7 +29,8 @@ PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"
 """Errors that no retry can fix: the op is dropped with a warning instead of blocking the rest."""
 TAG_UID, TAG_RUN, TAG_STATE = "projsweep.sweep_uid", "projsweep.run", "projsweep.state"
 RETRY_SECONDS = 15.0
-"""After MLflow failed, journal only for this long before trying again (keeps Tune's loop fast)."""
+"""After MLflow failed, journal only for this long before trying again (keeps Tune's loop fast);
+`PROJSWEEP_MLFLOW_RETRY_S` overrides it."""
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """MLflow 3's UI opens GenAI views for experiments of unknown kind; a sweep is model training."""
 
@@ -292,7 +293,8 @@ class Recorder:
         return True
 
     def _went_down(self, err: BaseException) -> None:
-        self._retry_at = time.monotonic() + RETRY_SECONDS
+        pause = float(os.environ.get("PROJSWEEP_MLFLOW_RETRY_S", RETRY_SECONDS))
+        self._retry_at = time.monotonic() + pause
         if not self._down:
             say(
                 f"{self.uri} unreachable ({_first_line(err)}); the sweep goes on, metrics are "

@@ -8,7 +8,9 @@ starts, so that `resume` from another directory writes to the same store.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -118,10 +120,18 @@ def run_ui(port: int) -> int:
     if db is not None and not db.exists():
         print(f"projsweep ui: no runs yet in {db} (run a sweep from this directory first)")
     print(f"projsweep ui: MLflow UI on http://127.0.0.1:{port} over {uri} (Ctrl-C stops it)")
-    server = subprocess.Popen(server_command(uri, port=port), env=server_env())
+    # Its own process group, so that stopping `ui` stops the server's uvicorn worker too.
+    command = server_command(uri, port=port)
+    server = subprocess.Popen(command, env=server_env(), start_new_session=True)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return server.wait()
     except KeyboardInterrupt:
-        server.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
