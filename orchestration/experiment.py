@@ -163,20 +163,28 @@ def load_experiment(path: Path) -> Experiment:
 # --- status ------------------------------------------------------------------------------------
 
 
+def _note(trial: TrialRecord) -> str | None:
+    """Why a trial did not train to the end: the rule it broke, the divergence, the error."""
+    if trial.state in ("skipped", "diverged"):
+        return str(trial.results[-1].get(SKIP_REASON, ""))
+    if trial.state == "failed" and trial.error:
+        return trial.error.strip().splitlines()[-1]
+    return None
+
+
 def status_rows(experiment: Experiment) -> list[dict[str, Any]]:
+    """One row per trial, ranked ones first (best first): id, state, sampled values, metrics."""
     search = experiment.spec.search
     first, first_mode = search.metrics[0], search.modes[0]
     ranked = experiment.ranked()
-    others = [t for t in experiment.trials if t not in ranked]
     rows = []
-    for trial in ranked + others:
+    for trial in ranked + [t for t in experiment.trials if t not in ranked]:
         row: dict[str, Any] = {"trial": trial.trial_id, "state": trial.state}
         row |= display_params(trial.params)
         row |= {m: trial.last_value(m) for m in search.metrics}
         row[f"best {first}"] = trial.best_value(first, first_mode)
         row["steps"] = trial.steps
-        if trial.state == "skipped":
-            row["note"] = trial.results[-1].get(SKIP_REASON, "")
+        row["note"] = _note(trial)
         rows.append(row)
     return rows
 
@@ -189,8 +197,15 @@ def status_table(experiment: Experiment) -> str:
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     head = ", ".join(f"{n} {state}" for state, n in counts.items())
-    columns = list(dict.fromkeys(k for row in rows for k in row if k != "note"))
-    if any("note" in row for row in rows):
+    search = experiment.spec.search
+    tail = [*search.metrics, f"best {search.metrics[0]}", "steps"]
+    params = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in tail]
+    params = sorted(
+        (k for k in params if k not in ("trial", "state", "note")),
+        key=lambda k: k != "projector.type",  # the type first: the other fields depend on it
+    )
+    columns = ["trial", "state", *params, *tail]
+    if any(row["note"] for row in rows):
         columns.append("note")
     return f"{experiment.spec.name}: {len(rows)} trials ({head})\n" + format_table(rows, columns)
 

@@ -180,15 +180,6 @@ def test_status_of_a_directory_that_is_no_experiment(tmp_path: Path) -> None:
     assert main(["resume", str(tmp_path)]) == 2
 
 
-def test_report_and_ui_say_they_are_not_there_yet(
-    experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["report", str(experiment), "-o", str(tmp_path / "r")]) == 1
-    assert main(["ui"]) == 1
-    assert capsys.readouterr().err.count("not implemented yet (issue 5") == 2
-    assert not (tmp_path / "r").exists()
-
-
 def test_spec_in_the_experiment_round_trips(experiment: Path) -> None:
     data = yaml.safe_load((experiment / SPEC_FILE).read_text())
     assert data["name"] == "fake" and isinstance(data["base"], dict)
