@@ -187,6 +187,9 @@ def finish_tracking(spec: SweepSpec, experiment_dir: Path, uri: str, *, exit_cod
 
     recorder = Recorder(experiment_dir, uri, spec.name)
     experiment = load_experiment(experiment_dir)
+    if not recorder.journal.started(SWEEP):  # no callback ever ran (Tune failed to start)
+        start = run_records.sweep_start(spec, experiment_dir, _ray_address(None))
+        recorder.record("start", SWEEP, **start)
     settle_trials(recorder, experiment)
     report_dir = write_sweep_report(experiment)
     best = [m for m in _best_values(experiment) if m[3] > recorder.journal.last_step(SWEEP)]

@@ -111,3 +111,52 @@ def mlflow_server(root: Path) -> Iterator[MlflowServer]:
         yield server
     finally:
         server.kill()
+
+
+def log_point(step: int, evaluate: bool = False, experts: int = 0) -> dict[str, float]:
+    """One trainer log point as `orchestration.trial` forwards it (values made up)."""
+    point: dict[str, float] = {"step": step, "train/loss": 3.0 / step, "train/lr": 1e-3}
+    point |= {"train/samples_per_s": 100.0 + step, "train/aux_loss": 0.01 * experts}
+    for i in range(experts):
+        point[f"router/load/expert_{i}"] = 1.0 / experts
+    if experts:
+        point |= {"router/entropy": 0.5, "train/balance_loss": 0.01, "train/z_loss": 0.001}
+    if evaluate:
+        point |= {"eval/wer": 1.0 - step / 100, "eval/cer": 0.5 - step / 200, "eval/loss": 1.0}
+    return point
+
+
+def tune_results(
+    steps: range, eval_every: int, experts: int = 0, **last: Any
+) -> list[dict[str, Any]]:
+    """Tune results: one per evaluation with the log points since the previous one; `last` is
+    merged into the final result (e.g. `trial_status="completed"`)."""
+    out, pending = [], []
+    for step in steps:
+        pending.append(log_point(step, step % eval_every == 0, experts))
+        if step % eval_every == 0:
+            out.append({**pending[-1], "log_points": pending})
+            pending = []
+    if last:
+        out.append({**out[-1], "log_points": pending, **last})
+    return out
+
+
+def fake_experiment(experiment_dir: Path, spec_path: Path, trials: dict[str, Any]) -> Path:
+    """An experiment directory as a sweep leaves it: `spec.yaml` and, per trial id,
+    `trial_<id>/params.json` and `result.json` from `(sampled params, results)` (the last result
+    is `done` unless it says otherwise)."""
+    import json
+
+    from orchestration.spec import dump_sweep_spec, load_sweep_spec
+
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    spec_text = dump_sweep_spec(load_sweep_spec(spec_path))
+    (experiment_dir / "spec.yaml").write_text(spec_text)
+    for trial_id, (params, results) in trials.items():
+        trial_dir = experiment_dir / f"trial_{trial_id}"
+        trial_dir.mkdir()
+        (trial_dir / "params.json").write_text(json.dumps(params))
+        lines = [json.dumps({"done": i == len(results) - 1, **r}) for i, r in enumerate(results)]
+        (trial_dir / "result.json").write_text("\n".join(lines) + "\n")
+    return experiment_dir

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from mlflow import MlflowClient
-from mlflow_helpers import free_port, write_spec
+from mlflow_helpers import fake_experiment, free_port, tune_results, write_spec
 from safetensors.torch import save_file
 
 from orchestration import mlflow_sink
@@ -20,7 +20,7 @@ from orchestration.mlflow_sink import SWEEP, RunIds
 from orchestration.mlflow_store import resolve_tracking_uri
 from orchestration.run_records import curve_points, transcripts_worst_first
 from orchestration.spec import load_sweep_spec
-from orchestration.tracking import Tracking, open_tracking
+from orchestration.tracking import Tracking, finish_tracking, open_tracking
 
 KEYS = ("train/loss", "train/lr", "train/samples_per_s")
 
@@ -31,24 +31,6 @@ class FakeTrial:
 
     trial_id: str
     config: dict[str, Any] = field(default_factory=dict)
-
-
-def log_point(step: int, evaluate: bool = False) -> dict[str, float]:
-    point = {"step": step, **{k: 1.0 / step for k in KEYS}}
-    if evaluate:
-        point |= {"eval/wer": 1.0 - step / 100, "eval/loss": 2.0 / step}
-    return point
-
-
-def results(steps: range, eval_every: int) -> list[dict[str, Any]]:
-    """Tune results as `orchestration.trial` sends them: one per evaluation, with log points."""
-    out, pending = [], []
-    for step in steps:
-        pending.append(log_point(step, step % eval_every == 0))
-        if step % eval_every == 0:
-            out.append({**pending[-1], "log_points": pending})
-            pending = []
-    return out
 
 
 def checkpoint(experiment_dir: Path, trial_id: str, n: int, transcripts: bool = True) -> Path:
@@ -96,10 +78,10 @@ def test_journal_keeps_unsent_entries_across_reloads(tmp_path: Path) -> None:
 
 
 def test_curve_points_carry_every_log_point_once() -> None:
-    result = results(range(10, 41, 10), 20)[1]  # steps 30 and 40
+    result = tune_results(range(10, 41, 10), 20)[1]  # steps 30 and 40
     points = curve_points(result, after_step=30, timestamp_ms=7)
     assert {p[3] for p in points} == {40}
-    assert {p[0] for p in points} == {*KEYS, "eval/wer", "eval/loss"}
+    assert {p[0] for p in points} >= {*KEYS, "eval/wer", "eval/loss"}
 
 
 def test_transcripts_are_sorted_worst_first(tmp_path: Path) -> None:
@@ -114,11 +96,11 @@ def test_callback_writes_parent_nested_runs_curves_states_and_artifacts(
     tracker = tracking.callback(None)
     tracker.setup()
     done = FakeTrial("a_00000", {"model.projector.type": "mlp"})
-    run_trial(tracker, done, results(range(10, 41, 10), 20))
+    run_trial(tracker, done, tune_results(range(10, 41, 10), 20))
     checkpoint(tracking.experiment_dir, done.trial_id, 1)
     tracker.on_trial_complete(0, [], done)
     stopped = FakeTrial("a_00001", {"model.projector.type": "mlp", "train.lr": 0.003})
-    run_trial(tracker, stopped, results(range(10, 21, 10), 20))
+    run_trial(tracker, stopped, tune_results(range(10, 21, 10), 20))
     tracker.on_trial_complete(0, [], stopped)
     bad = {"model.projector.type": "moe", "model.projector.num_experts@moe": 2}
     skipped = FakeTrial("a_00002", bad | {"model.projector.top_k@moe": 4})
@@ -126,7 +108,7 @@ def test_callback_writes_parent_nested_runs_curves_states_and_artifacts(
     run_trial(tracker, skipped, [skip])
     tracker.on_trial_complete(0, [], skipped)
     crashed = FakeTrial("a_00003", {"model.projector.type": "mlp", "train.seed": 3})
-    run_trial(tracker, crashed, results(range(10, 21, 10), 20))
+    run_trial(tracker, crashed, tune_results(range(10, 21, 10), 20))
     tracker.on_trial_error(0, [], crashed)
     tracker.on_experiment_end([])
 
@@ -164,7 +146,7 @@ def test_outage_journals_then_replays_every_point_exactly_once(
     tracker = tracking.callback(None)
     tracker.setup()
     trial = FakeTrial("b_00000", {"model.projector.type": "mlp"})
-    trial_results = results(range(10, 41, 10), 20)
+    trial_results = tune_results(range(10, 41, 10), 20)
     run_trial(tracker, trial, trial_results[:1])
 
     real_apply = mlflow_sink.MlflowSink.apply
@@ -198,7 +180,7 @@ def test_resume_reuses_the_runs_and_repeats_no_step(tracking: Tracking) -> None:
     first = tracking.callback(None)
     first.setup()
     trial = FakeTrial("c_00000", {"model.projector.type": "mlp"})
-    trial_results = results(range(10, 41, 10), 20)
+    trial_results = tune_results(range(10, 41, 10), 20)
     run_trial(first, trial, trial_results[:1])  # then the driver dies
     ids_before = dict(RunIds(tracking.experiment_dir).runs)
 
@@ -239,3 +221,39 @@ def test_tracking_uri_precedence_and_absolute_sqlite(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert resolve_tracking_uri(None) == "http://127.0.0.1:1"
     assert resolve_tracking_uri("http://h:5000") == "http://h:5000"
+
+
+def test_finish_settles_what_no_callback_saw_and_keeps_an_interrupted_parent_running(
+    tracking: Tracking,
+) -> None:
+    """A driver killed before its callbacks ran: `finish` (after `run`, or after `resume`) logs
+    the trials from their `result.json`; an interrupted sweep's parent stays running."""
+    spec_path = tracking.experiment_dir.parent.parent / "unit.yaml"
+    mlp = {"model.projector.type": "mlp"}
+    done = tune_results(range(10, 41, 10), 20, trial_status="completed")
+    cut = [{**r, "done": False} for r in tune_results(range(10, 21, 10), 20)]
+    fake_experiment(tracking.experiment_dir, spec_path, {"d_0": (mlp, done), "u_1": (mlp, cut)})
+    checkpoint(tracking.experiment_dir, "d_0", 1, transcripts=False)
+    finish_tracking(tracking.spec, tracking.experiment_dir, tracking.uri, exit_code=130)
+    client, ids = MlflowClient(tracking.uri), RunIds(tracking.experiment_dir)
+    assert client.get_run(ids.runs[SWEEP]).info.status == "RUNNING"
+    finished = client.get_run(ids.runs["d_0"])
+    assert finished.info.status == "FINISHED"
+    assert history(client, ids.runs["d_0"], "train/loss") == [10, 20, 30, 40]
+    assert {a.path for a in client.list_artifacts(ids.runs["d_0"])} >= {"projector.safetensors"}
+    assert client.get_run(ids.runs["u_1"]).info.status == "RUNNING"
+
+    # `resume` finishes the cut trial (it repeats step 20 from its checkpoint) and ends.
+    rest = tune_results(range(10, 41, 10), 20, trial_status="completed")
+    fake_experiment(tracking.experiment_dir / "again", spec_path, {"u_1": (mlp, rest)})
+    (tracking.experiment_dir / "trial_u_1" / "result.json").write_text(
+        (tracking.experiment_dir / "again" / "trial_u_1" / "result.json").read_text()
+    )
+    finish_tracking(tracking.spec, tracking.experiment_dir, tracking.uri, exit_code=0)
+    finish_tracking(tracking.spec, tracking.experiment_dir, tracking.uri, exit_code=0)
+    parent = client.get_run(ids.runs[SWEEP])
+    assert parent.info.status == "FINISHED" and parent.data.tags["projsweep.best_trial"]
+    assert len(client.get_metric_history(parent.info.run_id, "eval/wer")) == 1
+    assert client.get_run(ids.runs["u_1"]).data.tags["projsweep.state"] == "completed"
+    assert history(client, ids.runs["u_1"], "train/loss") == [10, 20, 30, 40]
+    assert len(client.search_runs([ids.experiment_id])) == 3

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,12 +43,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _api(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(
-        f"{base}/api/2.0/mlflow/{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+def _api(base: str, path: str, body: dict[str, Any] | None = None, **query: str) -> Any:
+    """MLflow's REST API, as the UI calls it: POST with a JSON body, or GET with a query."""
+    url = f"{base}/api/2.0/mlflow/{path}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -92,7 +94,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "projsweep ui did not come up"
             time.sleep(0.3)
-        found = _api(server.uri, "experiments/get-by-name", {"experiment_name": "ui-smoke"})
+        found = _api(server.uri, "experiments/get-by-name", experiment_name="ui-smoke")
         yield UI(server.uri, found["experiment"]["experiment_id"], tmp / "projsweep-runs")
     finally:
         proc.send_signal(signal.SIGTERM)  # `ui` stops its server's process group with it
