@@ -23,6 +23,7 @@ Every problem is a `ConfigError` naming the field path (CLI exit 2).
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -335,9 +336,10 @@ def parse_sweep_spec(
     """A checked spec from a mapping; `base` paths resolve against `spec_dir`."""
     from orchestration.space import check_space
 
-    data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy the caller's mapping never sees
+    data = copy.deepcopy(data)
     _inline_base(data, spec_dir)
     apply_spec_overrides(data, overrides)
+    _inline_base(data, spec_dir)  # `--set base=other.yaml`
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as err:

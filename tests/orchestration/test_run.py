@@ -51,6 +51,8 @@ def test_grid_sweep_skips_rule_breakers_and_exports_a_reproducible_best(
         tmp_path,
         "e2e",
         {
+            "metric": ["eval/wer", "train/samples_per_s"],  # multi-objective: a Pareto front
+            "mode": ["min", "max"],
             "max_concurrent": 2,
             "space": {"model.projector.type": {"grid": ["mlp", "moe"]}},
             "when": {
@@ -87,6 +89,8 @@ def test_grid_sweep_skips_rule_breakers_and_exports_a_reproducible_best(
 
     best_yaml = tmp_path / "best.yaml"
     assert main(["export", str(storage / "e2e"), "-o", str(best_yaml)]) == 0
+    assert main(["export", str(storage / "e2e"), "-o", str(tmp_path / "front"), "--pareto"]) == 0
+    assert 1 <= len(list((tmp_path / "front").glob("trial_*.yaml"))) <= 2
     best = experiment.ranked()[0]
     torch.set_num_threads(1)  # as the trial ran (Ray gives a 1-CPU trial one thread)
     assert main(["train", str(best_yaml), "--out", str(tmp_path / "again")]) == 0
@@ -168,18 +172,22 @@ def test_resume_after_driver_interrupt_reruns_no_finished_trial(
         assert steps.count(20) == 1, steps
 
 
-def test_two_workers_per_trial_run_data_parallel(tmp_path: Path) -> None:
+def test_two_workers_per_trial_run_data_parallel_under_asha(tmp_path: Path) -> None:
     spec = write_spec(
         tmp_path,
         "ddp",
-        {"space": {"train.seed": {"grid": [0]}}},
+        {
+            "space": {"train.seed": {"grid": [0]}},
+            # ASHA stops every trial that reaches max_t: the trial still reads as completed.
+            "scheduler": {"type": "asha", "grace_period": 20, "reduction_factor": 2},
+        },
         resources={"cpus_per_trial": 1, "workers_per_trial": 2},
     )
     storage = tmp_path / "runs"
     assert main(["run", str(spec), "--storage", str(storage)]) == 0
     (trial,) = load_experiment(storage / "ddp").trials
     assert trial.state == "completed"
-    assert [r["step"] for r in trial.evaluations][:2] == [20, 40]
+    assert [r["step"] for r in trial.evaluations] == [20, 40]
     assert list(
         (storage / "ddp" / f"trial_{trial.trial_id}").glob("checkpoint_*/projector.safetensors")
     )

@@ -156,3 +156,10 @@ def test_base_path_is_relative_to_the_spec(tmp_path: Path) -> None:
     )  # fmt: skip
     assert spec.base.train.max_steps == 80
     assert spec.max_steps == 80
+    (tmp_path / "trials" / "u.yaml").write_text("train: {max_steps: 90, warmup_steps: 5}\n")
+    again = parse_sweep_spec(
+        {"name": "t", "base": "trials/t.yaml", "search": spec.search.model_dump(mode="json")},
+        spec_dir=tmp_path,
+        overrides=["base=trials/u.yaml"],
+    )
+    assert again.base.train.max_steps == 90
