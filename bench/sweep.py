@@ -1,7 +1,7 @@
 """Sweep-engine benchmark on the tiny preset: TPE + ASHA against random search without early
 stopping, at equal `num_samples`, and Tune's overhead.
 
-    python bench/sweep.py [--num-samples 8] [--max-concurrent 2] [--set base.train.max_steps=…]
+    python -m bench.sweep [--num-samples 8] [--max-concurrent 2] [--set base.train.max_steps=…]
 
 Prints, per sweep: wall time of the Tune run (feature cache built beforehand, outside the timing),
 best eval WER, trials by state, and Tune's overhead = sweep wall ÷ (Σ trial time ÷ concurrency),
@@ -12,16 +12,21 @@ where a trial's time is the time its trial function ran (Tune's `time_total_s`).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from orchestration.experiment import Experiment, load_experiment
-from orchestration.layout import SPEC_FILE
-from orchestration.runner import build_tuner, prepare_features, ray_session
-from orchestration.spec import SweepSpec, dump_sweep_spec, load_sweep_spec
-from orchestration.table import format_table
+# Run as a script, this directory would come first on sys.path and its projectors.py and
+# trainer.py (the other benchmarks) would shadow the packages of the same names.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from orchestration.experiment import Experiment, load_experiment  # noqa: E402
+from orchestration.layout import SPEC_FILE  # noqa: E402
+from orchestration.runner import build_tuner, prepare_features, ray_session  # noqa: E402
+from orchestration.spec import SweepSpec, dump_sweep_spec, load_sweep_spec  # noqa: E402
+from orchestration.table import format_table  # noqa: E402
 
 SMOKE = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
 
