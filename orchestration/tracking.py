@@ -26,7 +26,12 @@ from ray.tune import Callback
 
 from orchestration import run_records
 from orchestration.mlflow_sink import SWEEP, Recorder, say
-from orchestration.mlflow_store import resolve_tracking_uri, sqlite_path, unreachable_reason
+from orchestration.mlflow_store import (
+    default_tracking_uri,
+    resolve_tracking_uri,
+    sqlite_path,
+    unreachable_reason,
+)
 from orchestration.spec import SweepSpec
 from trainer.overrides import ConfigError
 
@@ -154,12 +159,11 @@ class SweepTracker(Callback):
 
 
 def _ray_address(requested: str | None) -> str:
-    try:
-        import ray
+    import ray
 
+    actual = None
+    if ray.is_initialized():  # not in a test driving the callback by hand
         actual = ray.get_runtime_context().gcs_address
-    except Exception:  # not connected (a test driving the callback by hand)
-        actual = None
     if requested:
         return f"{requested} ({actual})" if actual and actual != requested else requested
     return f"local ({actual})" if actual else "local"
@@ -298,6 +302,8 @@ def send_journal(recorder: Recorder) -> bool:
 
 
 def _look_hint(uri: str) -> str:
+    if uri == default_tracking_uri():
+        return "projsweep ui"
     if sqlite_path(uri) is not None:
-        return f"projsweep ui  (or: mlflow ui --backend-store-uri {uri})"
+        return f"MLFLOW_TRACKING_URI={uri} projsweep ui"
     return uri
