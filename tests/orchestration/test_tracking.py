@@ -257,3 +257,22 @@ def test_finish_settles_what_no_callback_saw_and_keeps_an_interrupted_parent_run
     assert client.get_run(ids.runs["u_1"]).data.tags["projsweep.state"] == "completed"
     assert history(client, ids.runs["u_1"], "train/loss") == [10, 20, 30, 40]
     assert len(client.search_runs([ids.experiment_id])) == 3
+
+
+def test_a_multi_objective_sweep_logs_its_pareto_set_on_the_parent(tmp_path: Path) -> None:
+    search = {"metric": ["eval/wer", "train/samples_per_s"], "mode": ["min", "max"]}
+    search |= {"space": {"train.lr": {"grid": [1e-3, 2e-3]}}}
+    spec_path = write_spec(tmp_path, "multi", search)
+    spec = load_sweep_spec(spec_path)
+    assert spec.search.is_multi_objective
+    experiment_dir = tmp_path / "runs" / "multi"
+    trials = {
+        f"m_{i}": ({"train.lr": lr}, tune_results(range(10, 41, 10), 20, trial_status="completed"))
+        for i, lr in enumerate([1e-3, 2e-3])
+    }
+    fake_experiment(experiment_dir, spec_path, trials)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    finish_tracking(spec, experiment_dir, uri, exit_code=0)
+    client, ids = MlflowClient(uri), RunIds(experiment_dir)
+    pareto = {a.path for a in client.list_artifacts(ids.runs[SWEEP], "pareto")}
+    assert pareto and all(p.startswith("pareto/trial_m_") for p in pareto)
