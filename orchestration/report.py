@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from orchestration.experiment import Experiment, TrialRecord, status_rows
 from orchestration.layout import LOG_POINTS, STEP
 from orchestration.space import display_params
-from orchestration.spec import LogUniform
+from orchestration.spec import LogUniform, RandInt, Uniform
 
 REPORT_DIR = "report"
 WER, THROUGHPUT = "eval/wer", "train/samples_per_s"
@@ -72,7 +72,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     return path
 
 
@@ -91,15 +91,18 @@ def plot_wer_vs_param(experiment: Experiment, param: str, out_dir: Path) -> Path
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     values = [display_params(t.params)[param] for t in trials]
+    dist = _param_dist(experiment, param)
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-    if numeric:
+    if numeric and isinstance(dist, Uniform | LogUniform | RandInt):
         xs = [float(v) for v in values]
-        if _is_log_param(experiment, param) and min(xs) > 0:
+        if isinstance(dist, LogUniform):
             ax.set_xscale("log")
-    else:  # categories on an axis in a stable order, with a little jitter against overlap
-        categories = sorted({str(v) for v in values})
-        xs = [categories.index(str(v)) + 0.06 * ((i % 5) - 2) for i, v in enumerate(values)]
-        ax.set_xticks(range(len(categories)), categories)
+    else:  # a choice: its values as categories, a little jitter against overlap
+        key = float if numeric else str
+        categories = sorted({key(v) for v in values})
+        xs = [categories.index(key(v)) + _jitter(i) for i, v in enumerate(values)]
+        ax.set_xticks(range(len(categories)), [f"{c:g}" if numeric else c for c in categories])
+        ax.set_xlim(-0.5, len(categories) - 0.5)
     for x, trial in zip(xs, trials, strict=True):
         color = STATE_COLORS.get(trial.state, "tab:red")
         ax.scatter(x, trial.last_value(WER), color=color, s=36)
@@ -111,14 +114,19 @@ def plot_wer_vs_param(experiment: Experiment, param: str, out_dir: Path) -> Path
     return _save(fig, out_dir / f"wer_vs_{_safe_name(param)}.png")
 
 
-def _is_log_param(experiment: Experiment, param: str) -> bool:
+def _jitter(i: int) -> float:
+    """0, -0.06, +0.06, -0.12, +0.12, 0, …: points of one category side by side."""
+    return 0.06 * ((i % 5 + 1) // 2) * (-1 if i % 2 else 1)
+
+
+def _param_dist(experiment: Experiment, param: str) -> Any:
+    """The distribution a displayed parameter was sampled from (the first, if per type)."""
     search = experiment.spec.search
-    spaces = [search.space, *search.when.values()]
-    for space in spaces:
+    for space in [search.space, *search.when.values()]:
         for path, dist in space.items():
-            if path.removeprefix("model.") == param and isinstance(dist, LogUniform):
-                return True
-    return False
+            if path.removeprefix("model.") == param:
+                return dist
+    return None
 
 
 def _state_legend(ax: Any, states: Iterable[str]) -> None:
@@ -241,7 +249,8 @@ def _image(path: Path) -> str:
 
 STYLE = """body{font-family:sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px}
-th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}"""
+th{background:#f3f3f3}img{display:block;max-width:100%}figure{margin:0;max-width:100%}
+.plots{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}"""
 
 
 def render_html(experiment: Experiment, images: list[Path], table: str) -> str:
@@ -265,7 +274,9 @@ def render_html(experiment: Experiment, images: list[Path], table: str) -> str:
 <h2>Trials</h2>
 {table}
 <h2>Plots</h2>
+<div class="plots">
 {figures}
+</div>
 </body></html>
 """
 
