@@ -45,13 +45,20 @@ def checkpoint(experiment_dir: Path, trial_id: str, n: int, transcripts: bool = 
     return path
 
 
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite store for the module (creating its schema takes seconds); each test has its
+    own experiment in it."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
 @pytest.fixture
-def tracking(tmp_path: Path) -> Tracking:
-    spec = load_sweep_spec(write_spec(tmp_path, "unit"))
-    experiment_dir = tmp_path / "runs" / "unit"
+def tracking(tmp_path: Path, store_uri: str, request: pytest.FixtureRequest) -> Tracking:
+    name = request.node.name.removeprefix("test_")[:60]
+    spec = load_sweep_spec(write_spec(tmp_path, name))
+    experiment_dir = tmp_path / "runs" / name
     experiment_dir.mkdir(parents=True)
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    return open_tracking(spec, experiment_dir, uri, keep_going=False)
+    return open_tracking(spec, experiment_dir, store_uri, keep_going=False)
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -228,7 +235,7 @@ def test_finish_settles_what_no_callback_saw_and_keeps_an_interrupted_parent_run
 ) -> None:
     """A driver killed before its callbacks ran: `finish` (after `run`, or after `resume`) logs
     the trials from their `result.json`; an interrupted sweep's parent stays running."""
-    spec_path = tracking.experiment_dir.parent.parent / "unit.yaml"
+    spec_path = tracking.experiment_dir.parent.parent / f"{tracking.spec.name}.yaml"
     mlp = {"model.projector.type": "mlp"}
     done = tune_results(range(10, 41, 10), 20, trial_status="completed")
     cut = [{**r, "done": False} for r in tune_results(range(10, 21, 10), 20)]
@@ -259,7 +266,9 @@ def test_finish_settles_what_no_callback_saw_and_keeps_an_interrupted_parent_run
     assert len(client.search_runs([ids.experiment_id])) == 3
 
 
-def test_a_multi_objective_sweep_logs_its_pareto_set_on_the_parent(tmp_path: Path) -> None:
+def test_a_multi_objective_sweep_logs_its_pareto_set_on_the_parent(
+    tmp_path: Path, store_uri: str
+) -> None:
     search = {"metric": ["eval/wer", "train/samples_per_s"], "mode": ["min", "max"]}
     search |= {"space": {"train.lr": {"grid": [1e-3, 2e-3]}}}
     spec_path = write_spec(tmp_path, "multi", search)
@@ -271,8 +280,7 @@ def test_a_multi_objective_sweep_logs_its_pareto_set_on_the_parent(tmp_path: Pat
         for i, lr in enumerate([1e-3, 2e-3])
     }
     fake_experiment(experiment_dir, spec_path, trials)
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    finish_tracking(spec, experiment_dir, uri, exit_code=0)
-    client, ids = MlflowClient(uri), RunIds(experiment_dir)
+    finish_tracking(spec, experiment_dir, store_uri, exit_code=0)
+    client, ids = MlflowClient(store_uri), RunIds(experiment_dir)
     pareto = {a.path for a in client.list_artifacts(ids.runs[SWEEP], "pareto")}
     assert pareto and all(p.startswith("pareto/trial_m_") for p in pareto)
