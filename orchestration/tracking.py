@@ -17,7 +17,8 @@ Use from the runner:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,10 @@ class Tracking:
     def finish(self, exit_code: int) -> int:
         """After the sweep: settle every trial's run, log the report and best config on the
         parent, and send the journal (the exit code stays the sweep's)."""
-        finish_tracking(self.spec, self.experiment_dir, self.uri, exit_code=exit_code)
+        try:
+            finish_tracking(self.spec, self.experiment_dir, self.uri, exit_code=exit_code)
+        except Exception as err:  # the sweep's results are safe in its directory either way
+            say(f"finishing the MLflow runs failed ({type(err).__name__}: {err})")
         return exit_code
 
 
@@ -102,22 +106,41 @@ class SweepTracker(Callback):
             self._recorder = Recorder(t.experiment_dir, t.uri, t.spec.name)
         return self._recorder
 
+    @contextmanager
+    def _sweep_goes_on(self, where: str) -> Iterator[None]:
+        """A tracking bug must not stop the sweep: say it, and go on (the experiment directory
+        keeps every result; `finish` settles the trial runs from it)."""
+        try:
+            yield
+        except Exception as err:
+            say(f"tracking failed in {where} ({type(err).__name__}: {err}); the sweep goes on")
+
     def setup(self, **info: Any) -> None:
-        t = self.tracking
-        start = run_records.sweep_start(t.spec, t.experiment_dir, _ray_address(self.ray_address))
-        self.recorder.record("start", SWEEP, **start)
-        self.recorder.flush(force=True)
+        with self._sweep_goes_on("setup"):
+            t = self.tracking
+            address = _ray_address(self.ray_address)
+            self.recorder.record(
+                "start", SWEEP, **run_records.sweep_start(t.spec, t.experiment_dir, address)
+            )
+            self.recorder.flush(force=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        with self._sweep_goes_on("on_trial_start"):
+            self._start(trial)
+            self.recorder.flush()
+
+    def _start(self, trial: Any) -> None:
         start = run_records.trial_start(self.tracking.spec, trial.trial_id, trial.config)
         self.recorder.record("start", trial.trial_id, **start)
-        self.recorder.flush()
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
-        self.log_result(trial.trial_id, result)
-        self.recorder.flush()
+        with self._sweep_goes_on("on_trial_result"):
+            if not self.recorder.journal.started(trial.trial_id):  # Tune skipped its start
+                self._start(trial)
+            self.log_result(trial.trial_id, result)
+            self.recorder.flush()
 
     def log_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
         """Journal the result's log points (steps already journaled are not repeated)."""
@@ -130,10 +153,12 @@ class SweepTracker(Callback):
         self._results.setdefault(trial_id, []).append(compact)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, errored=False)
+        with self._sweep_goes_on("on_trial_complete"):
+            self._end(trial, errored=False)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, errored=True)
+        with self._sweep_goes_on("on_trial_error"):
+            self._end(trial, errored=True)
 
     def _end(self, trial: Any, *, errored: bool) -> None:
         from orchestration.experiment import TrialRecord
@@ -155,7 +180,8 @@ class SweepTracker(Callback):
         self.recorder.flush()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.recorder.flush(force=True)
+        with self._sweep_goes_on("on_experiment_end"):
+            self.recorder.flush(force=True)
 
 
 def _ray_address(requested: str | None) -> str:
