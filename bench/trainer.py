@@ -18,17 +18,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import PreTrainedTokenizerBase
+# Run as a script, this file's folder comes first on sys.path and its name shadows the `trainer`
+# package: look the package up from the repository root instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
-from trainer.asr import AsrCollator, SpeechLM
-from trainer.config import TrialConfig, load_trial_config
-from trainer.data import load_utterances
-from trainer.encoder import build_encoder, encode_batch, max_audio_seconds
-from trainer.features import FeatureSet, load_features
-from trainer.loop import LengthGroupedBatches, build_model
+import torch  # noqa: E402
+from transformers import PreTrainedTokenizerBase  # noqa: E402
 
-PRESET = Path(__file__).resolve().parents[1] / "sweeps" / "trials" / "tiny-digits.yaml"
+from trainer.asr import AsrCollator, SpeechLM  # noqa: E402
+from trainer.config import TrialConfig, load_trial_config  # noqa: E402
+from trainer.data import load_utterances  # noqa: E402
+from trainer.encoder import build_encoder, encode_batch, max_audio_seconds  # noqa: E402
+from trainer.features import FeatureSet, load_features  # noqa: E402
+from trainer.loop import LengthGroupedBatches, build_model  # noqa: E402
+
+PRESET = _HERE.parent / "sweeps" / "trials" / "tiny-digits.yaml"
 
 
 def make_step(

@@ -175,6 +175,10 @@ class TrainConfig(_Section):
     eval_batch_size: PositiveInt = 64
     max_new_tokens: PositiveInt = 32
     """Greedy decoding budget at evaluation."""
+    cpu_threads: PositiveInt | None = None
+    """Intra-op threads when training on the CPU (`torch.set_num_threads`, restored afterwards);
+    null keeps torch's default (OMP_NUM_THREADS, else every core). Tiny models gain little from
+    more threads, and on a busy machine spinning OpenMP threads can cut throughput tenfold."""
 
     @model_validator(mode="after")
     def _valid(self) -> TrainConfig:

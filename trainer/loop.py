@@ -53,8 +53,20 @@ def train_trial(
     cfg: TrialConfig, report: Reporter, *, workdir: Path, resume_from: Path | None = None
 ) -> TrialResult:
     """Train one trial config; call `report` at log and eval points (main process only)."""
-    tc, workdir = cfg.train, Path(workdir)
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, report, Path(workdir), resume_from)
+    finally:
+        torch.set_num_threads(threads)  # `train.cpu_threads` must not outlive the trial
+
+
+def _train(
+    cfg: TrialConfig, report: Reporter, workdir: Path, resume_from: Path | None
+) -> TrialResult:
+    tc = cfg.train
     accelerator = make_accelerator(tc, sparse=cfg.model.projector.type == "moe")
+    if accelerator.device.type == "cpu" and tc.cpu_threads is not None:
+        torch.set_num_threads(tc.cpu_threads)
     set_seed(tc.seed)
     with accelerator.main_process_first():  # the feature cache is built once, by rank 0 first
         splits = load_features(cfg)
@@ -71,15 +83,7 @@ def train_trial(
             Path(resume_from), accelerator, **ckpt_parts, decoder_trainable=trains_decoder
         )
     collate = AsrCollator(tokenizer, core.layout, core.projector.output_length)
-    batches = LengthGroupedBatches(
-        splits.train.lengths,
-        tc.batch_size,
-        seed=tc.seed,
-        start=state.step * tc.grad_accum,
-        rank=accelerator.process_index,
-        world=accelerator.num_processes,
-    )
-    train_loader = DataLoader(splits.train, batch_sampler=batches, collate_fn=collate)
+    train_loader = train_data(splits.train, tc, collate, accelerator, start_step=state.step)
     eval_loader, references = eval_data(splits.eval, tc.eval_batch_size, collate, accelerator)
     static = {"model/projector_params": float(sum(p.numel() for p in core.projector.parameters()))}
     window = Window(accelerator)
@@ -109,11 +113,7 @@ def train_trial(
         metrics = window.flush() | static | {"sys/peak_mem_mb": peak_memory_mb()}
         checkpoint = None
         if not math.isfinite(metrics["train/loss"]):
-            status = "diverged"
-            message = (
-                f"training loss is {metrics['train/loss']} at step {state.step}: the trial "
-                f"diverged (lr {tc.lr:g}; try a lower train.lr or train.max_grad_norm)"
-            )
+            status, message = "diverged", divergence_message(metrics["train/loss"], state.step, tc)
         elif eval_now:
             metrics |= evaluate(
                 core,
@@ -236,6 +236,33 @@ class LengthGroupedBatches(Sampler[list[int]]):
                 cached_epoch, batches = e, self.epoch(e)
             yield batches[g % per_epoch]
             g += self.world
+
+
+def train_data(
+    train_set: FeatureSet,
+    tc: TrainConfig,
+    collate: AsrCollator,
+    accelerator: Accelerator,
+    *,
+    start_step: int,
+) -> DataLoader:
+    """This process's endless, length-grouped training batches, from optimizer step `start_step`."""
+    batches = LengthGroupedBatches(
+        train_set.lengths,
+        tc.batch_size,
+        seed=tc.seed,
+        start=start_step * tc.grad_accum,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+    )
+    return DataLoader(train_set, batch_sampler=batches, collate_fn=collate)
+
+
+def divergence_message(loss: float, step: int, tc: TrainConfig) -> str:
+    return (
+        f"training loss is {loss} at step {step}: the trial diverged "
+        f"(lr {tc.lr:g}; try a lower train.lr or train.max_grad_norm)"
+    )
 
 
 class _Indexed(Dataset):

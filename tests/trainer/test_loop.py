@@ -199,3 +199,19 @@ def test_length_grouped_batches_are_seeded_resumable_and_sharded() -> None:
     assert [b for pair in zip(*ranks, strict=True) for b in pair] == full[:12]
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in full) / len(full)
     assert spread < 150  # grouped: a batch's lengths are close (random batches spread ~400)
+
+
+@pytest.mark.usefixtures("toy")
+def test_cpu_threads_apply_to_the_trial_only(tmp_path: Path, monkeypatch) -> None:
+    seen: list[int] = []
+    build = loop.build_model
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "build_model", spy)
+    before = torch.get_num_threads()
+    cfg = toy_config(max_steps=2, warmup_steps=1, eval_every=2, log_every=1, cpu_threads=1)
+    train_trial(cfg, Recorder(), workdir=tmp_path)
+    assert seen == [1] and torch.get_num_threads() == before
