@@ -251,37 +251,32 @@ def _type_problems(search: SearchSpec) -> list[str]:
     return problems
 
 
+def _dimension_problem(
+    search: SearchSpec, base: dict[str, Any], where: str, path: str, dist: Dist, types: list[str]
+) -> str | None:
+    """What is wrong with one dimension: a duplicate, a field the schema lacks, a bad value."""
+    if where.startswith("search.when.") and path in search.space:
+        return f"{where}: also in search.space; keep one"
+    missing = [t for t in types if field_problem(path, t)]
+    if missing:
+        hint = " (sample it under search.when.<type>)" if len(missing) < len(types) else ""
+        return f"{where}: {field_problem(path, missing[0])}{hint}"
+    if isinstance(dist, Choice | Grid) and not all(isinstance(v, _SCALARS) for v in dist.values):
+        return f"{where}.{kind_of(dist)}: values must be numbers, strings, booleans or null"
+    for ptype in types:
+        for value in _candidates(dist):
+            if problem := _value_problem(base, path, value, ptype):
+                return f"{where}: {problem}"
+    return None
+
+
 def _dimension_problems(spec: SweepSpec) -> list[str]:
-    problems = []
     base = spec.base.model_dump(mode="json")
-    for where, path, dist, types in _dimensions(spec):
-        if where.startswith("search.when.") and path in spec.search.space:
-            problems.append(f"{where}: also in search.space; keep one")
-            continue
-        missing = [t for t in types if field_problem(path, t)]
-        if missing:
-            hint = " (sample it under search.when.<type>)" if len(missing) < len(types) else ""
-            problems.append(f"{where}: {field_problem(path, missing[0])}{hint}")
-            continue
-        if isinstance(dist, Choice | Grid) and not all(
-            isinstance(v, _SCALARS) for v in dist.values
-        ):
-            problems.append(
-                f"{where}.{kind_of(dist)}: values must be numbers, strings, booleans or null"
-            )
-            continue
-        problem = next(
-            (
-                p
-                for t in types
-                for v in _candidates(dist)
-                if (p := _value_problem(base, path, v, t))
-            ),
-            None,
-        )
-        if problem:
-            problems.append(f"{where}: {problem}")
-    return problems
+    return [
+        problem
+        for dimension in _dimensions(spec)
+        if (problem := _dimension_problem(spec.search, base, *dimension))
+    ]
 
 
 def _metric_problems(search: SearchSpec) -> list[str]:
