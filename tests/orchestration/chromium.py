@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -112,18 +115,28 @@ def with_page(script: Callable[[Page], Any], *, size: tuple[int, int] = (1600, 1
     """Start headless chromium, run `async script(page)`, stop chromium; returns its result."""
     binary = chromium_binary()
     assert binary, "chromium is not installed (apt-get install -y chromium)"
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+    # Its helper processes may still write to the profile as they exit: cleanup errors are moot.
+    with tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True) as profile:
         flags = [*FLAGS, f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}"]
         proc = subprocess.Popen(
-            [binary, *flags, "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [binary, *flags, "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its renderer and helper processes go with its group
         )
         try:
             port = _debug_port(Path(profile), proc)
             return asyncio.run(_drive(port, script))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
