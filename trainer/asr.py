@@ -73,11 +73,14 @@ class AsrCollator:
         output_length: Callable[[Tensor], Tensor],
         *,
         generation_prompt: bool = False,
+        time_mask: float = 0.0,
+        time_mask_span: int = 1,
     ) -> None:
         self.tokenizer = tokenizer
         self.layout = layout
         self.output_length = output_length
         self.generation_prompt = generation_prompt
+        self.time_mask, self.time_mask_span = time_mask, time_mask_span
 
     def _rows(self, audio_lengths: list[int], targets: list[list[int]] | None) -> dict[str, Tensor]:
         lay = self.layout
@@ -112,9 +115,10 @@ class AsrCollator:
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> AsrBatch:
         lengths = torch.tensor([it["features"].shape[0] for it in items])  # B
-        feats = nn.utils.rnn.pad_sequence(
-            [it["features"].float() for it in items], batch_first=True
-        )  # B, T, C
+        frames = [it["features"].float() for it in items]
+        if self.time_mask > 0:
+            frames = [mask_time(f, self.time_mask, self.time_mask_span) for f in frames]
+        feats = nn.utils.rnn.pad_sequence(frames, batch_first=True)  # B, T, C
         audio_lengths = self.output_length(lengths).tolist()
         texts = [it["text"] for it in items]
         targets = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -137,6 +141,19 @@ class AsrCollator:
             gen=gen,
             texts=texts,
         )
+
+
+def mask_time(frames: Tensor, share: float, span: int) -> Tensor:
+    """SpecAugment-style time masking: zero spans of `span` frames, about `share` of them in all.
+
+    Draws from torch's global generator, whose state checkpoints save, so resumes stay exact.
+    [T, C] -> [T, C]
+    """
+    t = frames.shape[0]
+    starts = (torch.rand(t) < share / span).long()  # T: a masked span begins here
+    begun = F.pad(starts.cumsum(0), (span, 0))  # span + T: spans begun up to each frame
+    covered = (begun[span:] - begun[:-span]) > 0  # T: a span begun in the last `span` frames
+    return frames.masked_fill(covered[:, None], 0.0)
 
 
 @dataclass

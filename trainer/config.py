@@ -175,6 +175,11 @@ class TrainConfig(_Section):
     eval_batch_size: PositiveInt = 64
     max_new_tokens: PositiveInt = 32
     """Greedy decoding budget at evaluation."""
+    time_mask: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """SpecAugment-style augmentation of the cached encoder features in training: about this
+    share of frames is zeroed, in spans of `time_mask_span` frames; 0 for none."""
+    time_mask_span: PositiveInt = 5
+    """Encoder frames per masked span (Whisper-style encoders: 20 ms each)."""
     cpu_threads: PositiveInt | None = None
     """Intra-op threads when training on the CPU (`torch.set_num_threads`, restored afterwards);
     null keeps torch's default (OMP_NUM_THREADS, else every core). Tiny models gain little from

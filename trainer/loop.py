@@ -246,7 +246,15 @@ def train_data(
     *,
     start_step: int,
 ) -> DataLoader:
-    """This process's endless, length-grouped training batches, from optimizer step `start_step`."""
+    """This process's endless, length-grouped (and maybe time-masked) training batches, from
+    optimizer step `start_step`."""
+    augmented = AsrCollator(
+        collate.tokenizer,
+        collate.layout,
+        collate.output_length,
+        time_mask=tc.time_mask,
+        time_mask_span=tc.time_mask_span,
+    )
     batches = LengthGroupedBatches(
         train_set.lengths,
         tc.batch_size,
@@ -255,7 +263,10 @@ def train_data(
         rank=accelerator.process_index,
         world=accelerator.num_processes,
     )
-    return DataLoader(train_set, batch_sampler=batches, collate_fn=collate)
+    # Its own generator: creating the iterator draws a worker seed, which from the global RNG
+    # would shift a resumed run's time masks by one draw.
+    seeded = torch.Generator().manual_seed(tc.seed)
+    return DataLoader(train_set, batch_sampler=batches, collate_fn=augmented, generator=seeded)
 
 
 def divergence_message(loss: float, step: int, tc: TrainConfig) -> str:

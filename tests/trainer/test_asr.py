@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from trial_toy import ENCODER_DIM, ToyFeatureSet
 
 from projectors.base import ProjectorOutput
-from trainer.asr import IGNORE, AsrCollator, SpeechLM, strip_generated
+from trainer.asr import IGNORE, AsrCollator, SpeechLM, mask_time, strip_generated
 from trainer.config import DecoderConfig, TinyDecoderConfig
 from trainer.decoder import build_decoder, prompt_layout
 
@@ -128,3 +128,22 @@ def test_batched_greedy_decoding_equals_one_by_one_and_hf_generate(setup) -> Non
         assert strip_generated(hf[0].tolist(), model.layout) == strip_generated(
             alone[0].tolist(), model.layout
         )
+
+
+def test_time_masking_zeroes_spans_of_about_the_share_asked() -> None:
+    torch.manual_seed(0)
+    frames = torch.ones(4000, 3)
+    masked = mask_time(frames, 0.1, 5)
+    zero = masked[:, 0] == 0
+    assert 0.07 < zero.float().mean() < 0.13
+    assert torch.equal(zero[:, None].expand_as(frames), masked == 0)  # whole frames
+    runs, n = [], 0
+    for z in zero.tolist():
+        if z:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    assert runs and min(runs) >= 5  # whole spans (one cut short at the very end is not counted)
+    torch.manual_seed(0)
+    assert torch.equal(mask_time(frames, 0.1, 5), masked)  # seeded: resumes stay exact

@@ -100,7 +100,7 @@ def test_moe_trial_reports_router_metrics(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("toy")
 def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
-    cfg = toy_config(max_steps=20, eval_every=10)
+    cfg = toy_config(max_steps=20, eval_every=10, time_mask=0.2)  # augmentation draws RNG
     whole = train_trial(cfg, Recorder(), workdir=tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
         train_trial(cfg, Recorder(stop_at=10), workdir=tmp_path / "cut")
