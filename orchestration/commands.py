@@ -26,8 +26,10 @@ def describe_spec(spec: SweepSpec) -> str:
     search = spec.search
     objective = ", ".join(f"{m} ({o})" for m, o in zip(search.metrics, search.modes, strict=False))
     if isinstance(search.scheduler, AshaScheduler):
+        asha = search.scheduler
+        on = f" on {asha.metric}" if asha.metric else ""
         sched = (
-            f"ASHA (grace {search.scheduler.grace_period}, ×{search.scheduler.reduction_factor:g}, "
+            f"ASHA{on} (grace {asha.grace_period}, ×{asha.reduction_factor:g}, "
             f"max {spec.max_steps} steps)"
         )
     else:

@@ -113,7 +113,8 @@ def build_searcher(spec: SweepSpec) -> Any:
 
 
 def build_scheduler(spec: SweepSpec) -> Any:
-    """ASHA on the optimiser step, stopping on the first metric; None for FIFO."""
+    """ASHA on the optimiser step, stopping on its own metric or the search's first; None for
+    FIFO."""
     from ray.tune.schedulers import ASHAScheduler
 
     scheduler = spec.search.scheduler
@@ -121,8 +122,8 @@ def build_scheduler(spec: SweepSpec) -> Any:
         return None
     return ASHAScheduler(
         time_attr=STEP,
-        metric=spec.search.metrics[0],
-        mode=spec.search.modes[0],
+        metric=scheduler.metric or spec.search.metrics[0],
+        mode=scheduler.mode or spec.search.modes[0],
         max_t=spec.max_steps,
         grace_period=scheduler.grace_period,
         reduction_factor=scheduler.reduction_factor,

@@ -335,12 +335,17 @@ def _grid_size_problems(spec: SweepSpec) -> list[str]:
 
 def _scheduler_problems(spec: SweepSpec) -> list[str]:
     scheduler = spec.search.scheduler
-    if isinstance(scheduler, AshaScheduler) and scheduler.grace_period >= spec.max_steps:
-        return [
+    if not isinstance(scheduler, AshaScheduler):
+        return []
+    problems = []
+    if scheduler.grace_period >= spec.max_steps:
+        problems.append(
             f"search.scheduler.grace_period: {scheduler.grace_period} must be < the trials' "
             f"train.max_steps ({spec.max_steps}), or nothing can be stopped early"
-        ]
-    return []
+        )
+    if scheduler.metric is not None and not is_contract_metric(scheduler.metric):
+        problems.append(f"search.scheduler.metric: unknown metric {scheduler.metric!r}")
+    return problems
 
 
 def _feasibility_problems(spec: SweepSpec) -> list[str]:

@@ -182,6 +182,17 @@ class AshaScheduler(_Strict):
     grace_period: PositiveInt = 100
     """Steps every trial runs before it can be stopped."""
     reduction_factor: Annotated[float, Field(gt=1.0)] = 3.0
+    metric: str | None = None
+    """What to stop on (default: the search's first metric). A smooth proxy such as `eval/loss`
+    separates trials earlier than WER, which stays near 1 for the first few hundred steps."""
+    mode: Mode | None = None
+    """`min` or `max` for `metric` (required with it)."""
+
+    @model_validator(mode="after")
+    def _mode_with_metric(self) -> AshaScheduler:
+        if (self.metric is None) != (self.mode is None):
+            raise ValueError("give `metric` and `mode` together (or neither)")
+        return self
 
 
 class NoScheduler(_Strict):
