@@ -83,6 +83,8 @@ class AsrCollator:
         self.time_mask, self.time_mask_span = time_mask, time_mask_span
 
     def _rows(self, audio_lengths: list[int], targets: list[list[int]] | None) -> dict[str, Tensor]:
+        """`ids`, `pos` (audio slot → frame), `lab`, `mask`, each [B, L]: training rows when
+        `targets` are given (right padded), generation prompts when None (left padded)."""
         lay = self.layout
         head = [lay.bos_id] if lay.bos_id is not None else []
         rows = []

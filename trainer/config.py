@@ -21,6 +21,7 @@ from trainer.overrides import apply_overrides, read_yaml_mapping, validate_model
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
+UnitInterval = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 AUDIO_PLACEHOLDER = "<audio>"
 
@@ -169,6 +170,8 @@ class TrainConfig(_Section):
     precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    adam_betas: tuple[UnitInterval, UnitInterval] = (0.9, 0.999)
+    """AdamW's (beta1, beta2); a beta2 of 0.95 adapts faster when training from scratch."""
     max_grad_norm: PositiveFloat | None = 1.0
     """Gradient clipping by global norm; null for none."""
     log_every: PositiveInt = 10

@@ -34,12 +34,14 @@ class ProgressPrinter:
         # samples/s counts every process; one optimizer step takes this many samples.
         self.samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * num_processes
         self.history = list(history)
+        self.start = time.perf_counter()
 
     def __call__(
         self, metrics: dict[str, float], step: int, checkpoint: Path | None = None
     ) -> None:
         self.history.append({"step": step, **metrics})
-        head = f"step {step:>{len(str(self.max_steps))}}/{self.max_steps}"
+        elapsed = time.perf_counter() - self.start  # since the command started, data included
+        head = f"[{elapsed:6.1f} s] step {step:>{len(str(self.max_steps))}}/{self.max_steps}"
         if "train/loss" in metrics:
             steps_per_s = metrics["train/samples_per_s"] / self.samples_per_step
             print(

@@ -1,9 +1,11 @@
 """One trial: `train_trial(cfg, report, workdir=…)` trains a projector (and maybe the decoder).
 
-The loop is one flat function: build → `accelerator.prepare` → `accumulate` → periodic evaluate →
-report. Around it: the Accelerator factory, a length-grouped batch stream, and a window that sums
-training metrics on the device so the hot path never waits for the host (values are read once per
-log point). Metrics go to a `Reporter`; the caller decides where (a list, stdout, Ray Tune).
+The loop (`_train`) is one flat function: build → `accelerator.prepare` → `accumulate` → periodic
+evaluate → report. Around it: the Accelerator factory, a length-grouped batch stream, and a window
+that sums training metrics on the device so the hot path never waits for the host (values are read
+once per log point). Metrics go to a `Reporter`; the caller decides where (a list, stdout, Tune).
+`sys/peak_mem_mb` is the process's peak: on the CPU the resident-set high-water mark, which in a
+long-lived worker also covers earlier trials.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ def _train(
         splits = load_features(cfg)
     model, tokenizer = build_model(cfg, splits.train, splits.encoder_dim, tc.precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     core: SpeechLM = accelerator.unwrap_model(model)

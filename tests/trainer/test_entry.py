@@ -60,7 +60,12 @@ def test_train_writes_config_metrics_and_projector(config_file, tmp_path, capsys
     assert all(isinstance(v, float) for p in doc["history"] for k, v in p.items() if k != "step")
     assert doc["final"]["eval/wer"] == doc["history"][-1]["eval/wer"]
     printed = capsys.readouterr().out
-    assert "step  5/10  loss" in printed and "steps/s" in printed and "WER" in printed
+    assert (
+        "step  5/10  loss" in printed
+        and " s] step" in printed
+        and "steps/s" in printed
+        and "WER" in printed
+    )
 
 
 def test_resume_continues_from_the_last_checkpoint(config_file, tmp_path, monkeypatch) -> None:
