@@ -7,7 +7,9 @@ Layout of `<workdir>/checkpoints/step_<n>/`:
 * `tokenizer/` — the decoder's tokenizer (`save_pretrained`; loads by path);
 * `optimizer.pt`, `scheduler.pt` — AdamW and LR-schedule state;
 * `rng_state_<rank>.pt` — Python, NumPy and torch (CPU + CUDA) generators of every process;
-* `trainer_state.json` — the step and the history of reported metrics.
+* `trainer_state.json` — the step and the history of reported metrics;
+* `transcripts.tsv` — this evaluation's `reference`, `hypothesis` and per-utterance `wer`
+  (tab-separated, eval-set order; WER after the same normaliser as `eval/wer`).
 
 The data order needs no state of its own: it is a function of (seed, position in the stream), and
 the position follows from the step. A checkpoint is written into `step_<n>.tmp` and renamed, so a
@@ -32,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+TRANSCRIPTS_FILE = "transcripts.tsv"
 
 
 @dataclass
@@ -86,6 +89,7 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainerState,
     decoder_trainable: bool,
+    transcripts: str | None = None,
 ) -> Path:
     """Write the checkpoint for `state.step` (every process takes part) and return its path.
 
@@ -103,6 +107,8 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": state.step, "history": state.history}))
+        if transcripts is not None:
+            (tmp / TRANSCRIPTS_FILE).write_text(transcripts, encoding="utf-8")
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()

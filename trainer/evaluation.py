@@ -12,7 +12,11 @@ utterance error rate and CER is close to a per-digit error rate.
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import jiwer
 import torch
@@ -47,6 +51,29 @@ def error_rates(
     return {"eval/wer": float(jiwer.wer(refs, hyps)), "eval/cer": float(jiwer.cer(refs, hyps))}
 
 
+def utterance_wer(reference: str, hypothesis: str, normalize: Callable[[str], str]) -> float:
+    """One utterance's WER after normalising (NaN when the normalised reference is empty)."""
+    ref = normalize(reference)
+    return float(jiwer.wer(ref, normalize(hypothesis))) if ref.strip() else math.nan
+
+
+@dataclass
+class EvalResult:
+    """An evaluation: the contract metrics and one (reference, hypothesis, WER) row per utterance,
+    in eval-set order."""
+
+    metrics: dict[str, float]
+    transcripts: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def transcripts_tsv(self) -> str:
+        """`reference`, `hypothesis`, `wer` as tab-separated text with a header (csv quoting)."""
+        out = io.StringIO()
+        writer = csv.writer(out, delimiter="\t", lineterminator="\n")
+        writer.writerow(["reference", "hypothesis", "wer"])
+        writer.writerows((r, h, f"{w:.4f}") for r, h, w in self.transcripts)
+        return out.getvalue()
+
+
 def evaluate(
     model: SpeechLM,
     loader: DataLoader,
@@ -55,8 +82,9 @@ def evaluate(
     references: list[str],
     decode: Callable[[list[int]], str],
     max_new_tokens: int,
-) -> dict[str, float]:
-    """Eval loss, WER and CER over `loader`, this process's share of the eval set.
+) -> EvalResult:
+    """Eval loss, WER and CER over `loader`, this process's share of the eval set, and the
+    transcripts of the whole eval set (on every process).
 
     `model` is the unwrapped `SpeechLM`; `references[i]` is the text of eval item `i`. Each process
     scores its own batches; the per-utterance results are gathered once at the end as Python
@@ -80,5 +108,8 @@ def evaluate(
     model.train()
     rows = sorted(gather_object(rows))  # every process's rows, on every process
     loss = sum(r[1] for r in rows) / max(sum(r[2] for r in rows), 1)
-    rates = error_rates([references[r[0]] for r in rows], [r[3] for r in rows], text_normalizer())
-    return {"eval/loss": loss, **rates}
+    normalize = text_normalizer()
+    refs, hyps = [references[r[0]] for r in rows], [r[3] for r in rows]
+    rates = error_rates(refs, hyps, normalize)
+    transcripts = [(r, h, utterance_wer(r, h, normalize)) for r, h in zip(refs, hyps, strict=True)]
+    return EvalResult({"eval/loss": loss, **rates}, transcripts)

@@ -67,11 +67,11 @@ def _train(
 ) -> TrialResult:
     tc = cfg.train
     accelerator = make_accelerator(tc, sparse=cfg.model.projector.type == "moe")
-    if accelerator.device.type == "cpu" and tc.cpu_threads is not None:
-        torch.set_num_threads(tc.cpu_threads)
     set_seed(tc.seed)
     with accelerator.main_process_first():  # the feature cache is built once, by rank 0 first
-        splits = load_features(cfg)
+        splits = load_features(cfg)  # on all of torch's threads: caching is a one-off
+    if accelerator.device.type == "cpu" and tc.cpu_threads is not None:
+        torch.set_num_threads(tc.cpu_threads)
     model, tokenizer = build_model(cfg, splits.train, splits.encoder_dim, tc.precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -115,11 +115,11 @@ def _train(
         if not eval_now and state.step % tc.log_every:
             continue
         metrics = window.flush() | static | {"sys/peak_mem_mb": peak_memory_mb()}
-        checkpoint = None
+        checkpoint, evaluation = None, None
         if not math.isfinite(metrics["train/loss"]):
             status, message = "diverged", divergence_message(metrics["train/loss"], state.step, tc)
         elif eval_now:
-            metrics |= evaluate(
+            evaluation = evaluate(
                 core,
                 eval_loader,
                 accelerator,
@@ -127,6 +127,7 @@ def _train(
                 decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                 max_new_tokens=tc.max_new_tokens,
             )
+            metrics |= evaluation.metrics
         state.history.append({"step": state.step, **metrics})
         if eval_now and status == "completed":
             checkpoint = save_checkpoint(
@@ -136,6 +137,7 @@ def _train(
                 tokenizer=tokenizer,
                 state=state,
                 decoder_trainable=trains_decoder,
+                transcripts=evaluation.transcripts_tsv() if evaluation else None,
             )
         if accelerator.is_main_process:
             report(metrics, state.step, checkpoint)
