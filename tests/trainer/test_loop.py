@@ -80,7 +80,7 @@ def test_trial_learns_and_reports_every_contract_metric(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert [r["reference"] for r in rows] == toy_splits().eval.texts  # eval-set order
     per_utterance = [float(r["wer"]) for r in rows]
-    assert all(0.0 <= w for w in per_utterance)
+    assert all(w >= 0.0 for w in per_utterance)
     # Corpus WER weights utterances by length; it lies within the per-utterance range.
     assert min(per_utterance) <= result.final["eval/wer"] <= max(per_utterance)
 
