@@ -78,11 +78,11 @@ def build_searcher(spec: SweepSpec) -> Any:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from orchestration.space import grid_points, suggest_flat_config
+    from orchestration.space import grid_points, searcher_points, suggest_flat_config
 
     search = spec.search
     seed = search.seed
-    points = None
+    points = searcher_points(search) or None
     if search.algorithm == "grid":
         # Every grid point is enqueued in order (a conditional grid is not a product, so
         # Optuna's GridSampler cannot hold it); the sampler is never consulted.

@@ -115,6 +115,83 @@ def grid_points(search: SearchSpec) -> list[dict[str, Any]]:
     return points
 
 
+def _point_names(search: SearchSpec, point: Mapping[str, Any]) -> dict[str, str]:
+    """Each key of a `points_to_evaluate` entry → the searcher's parameter name (`path@type` for
+    a `when` field); a key that names no dimension maps to ''."""
+    ptype = point.get(TYPE_PATH)
+    when = search.when.get(ptype, {}) if isinstance(ptype, str) else {}
+    return {
+        key: key if key in search.space else f"{key}@{ptype}" if key in when else ""
+        for key in point
+    }
+
+
+def searcher_points(search: SearchSpec) -> list[dict[str, Any]]:
+    """`search.points_to_evaluate` keyed by the searcher's parameter names (checked first)."""
+    return [
+        {_point_names(search, point)[key]: value for key, value in point.items()}
+        for point in search.points_to_evaluate
+    ]
+
+
+def _value_outside(dist: Dist, value: Any) -> str | None:
+    if isinstance(dist, Choice | Grid):
+        return None if value in dist.values else f"not one of {dist.values}"
+    low, high = dist.bounds
+    if isinstance(dist, RandInt):
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return None if ok else f"not an integer in [{low}, {high}]"
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return None if number and low <= value <= high else f"not a number in [{low}, {high}]"
+
+
+def _point_problems(spec: SweepSpec) -> list[str]:
+    """Each start point: known paths, values inside their distributions, feasible when whole."""
+    search, problems = spec.search, []
+    if search.points_to_evaluate and search.algorithm == "grid":
+        return ["search.points_to_evaluate: not with algorithm grid (it enumerates every point)"]
+    budget = search.num_samples or 1
+    if len(search.points_to_evaluate) > budget:
+        problems.append(
+            f"search.points_to_evaluate: {len(search.points_to_evaluate)} points but "
+            f"num_samples is {budget}"
+        )
+    for i, point in enumerate(search.points_to_evaluate):
+        where = f"search.points_to_evaluate[{i}]"
+        if not point:
+            problems.append(f"{where}: empty; give at least one path")
+        for key, name in _point_names(search, point).items():
+            if not name:
+                hint = (
+                    f" (a `when` field needs {TYPE_PATH} in the point)"
+                    if any(key in space for space in search.when.values())
+                    else ""
+                )
+                problems.append(f"{where}.{key}: not a dimension of search.space{hint}")
+                continue
+            ptype = point.get(TYPE_PATH)
+            dist = search.space[key] if key in search.space else search.when[ptype][key]
+            if why := _value_outside(dist, point[key]):
+                problems.append(f"{where}.{key}: value {point[key]!r} is {why}")
+    if problems:
+        return problems
+    for i, named in enumerate(searcher_points(search)):
+        whole = all(name in named for name in _point_dimensions(search, named))
+        if not whole:
+            continue
+        try:
+            resolve_trial_config(spec.base, named)
+        except ConfigError as err:
+            problems.append(f"search.points_to_evaluate[{i}]: breaks a rule: {err}")
+    return problems
+
+
+def _point_dimensions(search: SearchSpec, named: Mapping[str, Any]) -> list[str]:
+    """The searcher parameter names a point must give to be a whole configuration."""
+    ptype = named.get(TYPE_PATH)
+    return list(search.space) + [f"{path}@{ptype}" for path in search.when.get(ptype, {})]
+
+
 def sample_flat_configs(spec: SweepSpec, count: int) -> list[dict[str, Any]]:
     """`count` sampled configs: grid points in order for `grid`, random samples otherwise."""
     if spec.search.algorithm == "grid":
@@ -369,4 +446,4 @@ def check_space(spec: SweepSpec) -> list[str]:
     if problems:
         return problems
     problems = _dimension_problems(spec) + _grid_size_problems(spec)
-    return problems or _feasibility_problems(spec)
+    return problems or _point_problems(spec) or _feasibility_problems(spec)

@@ -215,6 +215,10 @@ class SearchSpec(_Strict):
     space: Space
     when: dict[str, Space] = Field(default_factory=dict)
     """Per projector type: fields sampled only when `model.projector.type` is that type."""
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    """Points tried first, in order (e.g. the base config's known-good corner), before the
+    algorithm samples: each maps space paths (and its type's `when` paths) to values; paths left
+    out are sampled. Counted in `num_samples`. Not with `grid`, which enumerates its own."""
 
     @property
     def metrics(self) -> list[str]:

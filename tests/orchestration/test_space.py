@@ -8,6 +8,7 @@ from typing import Any
 import optuna
 import pytest
 
+from orchestration.runner import build_searcher
 from orchestration.space import (
     grid_points,
     resolve_trial_config,
@@ -163,3 +164,21 @@ def test_base_path_is_relative_to_the_spec(tmp_path: Path) -> None:
         overrides=["base=trials/u.yaml"],
     )
     assert again.base.train.max_steps == 90
+
+
+def test_points_to_evaluate_come_first_then_the_search_samples() -> None:
+    points = [
+        {"model.projector.type": "moe", "train.lr": 2e-3, "model.projector.top_k": 1},
+        {"model.projector.type": "mlp"},  # the rest is sampled
+    ]
+    spec = make_spec({**CONDITIONAL, "num_samples": 6, "points_to_evaluate": points})
+    searcher = build_searcher(spec)
+    searcher.set_search_properties("eval/wer", "min", {})
+    suggested = [searcher.suggest(f"t{i}") for i in range(4)]
+    first, second = suggested[0], suggested[1]
+    assert first["model.projector.type"] == "moe" and first["train.lr"] == 2e-3
+    assert first["model.projector.top_k@moe"] == 1
+    assert {"model.projector.stride@moe", "model.projector.num_experts@moe"} <= set(first)
+    assert second["model.projector.type"] == "mlp" and "model.projector.stride@mlp" in second
+    assert 1e-4 <= second["train.lr"] <= 1e-2
+    resolve_trial_config(spec.base, first)  # a searcher's sample resolves into a trial
