@@ -215,8 +215,11 @@ def test_trial_and_sweep_artifacts(sweep: Sweep, tmp_path: Path) -> None:
         checkpoint = sorted((sweep.experiment.path / f"trial_{trial.trial_id}").glob("checkp*"))
         final = load_file(checkpoint[-1] / "projector.safetensors")
         assert load_file(weights).keys() == final.keys()
-        if (checkpoint[-1] / "transcripts.tsv").is_file():  # when the trainer writes them
-            assert "transcripts.tsv" in names
+        table = sweep.client.download_artifacts(run_id, "transcripts.tsv", str(tmp_path))
+        lines = Path(table).read_text(encoding="utf-8").splitlines()
+        assert lines[0] == "reference\thypothesis\twer"
+        wers = [float(line.rsplit("\t", 1)[1]) for line in lines[1:]]
+        assert wers and wers == sorted(wers, reverse=True)  # worst first
     parent = sweep.ids["runs"]["sweep"]
     names = {a.path for a in sweep.client.list_artifacts(parent)}
     assert {"best.yaml", "spec.yaml", "report"} <= names
