@@ -83,21 +83,25 @@ def suggest_flat_config(trial: Suggester, search: SearchSpec) -> dict[str, Any]:
 
 
 class RandomSuggester:
-    """Uniform random sampling with optuna's suggest API (used by `validate`, no study needed)."""
+    """Uniform random sampling with optuna's suggest API (used by `validate`, no study needed);
+    names in `fixed` take their given value, as in an enqueued Optuna trial."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, fixed: Mapping[str, Any] | None = None) -> None:
         self.rng = rng
+        self.fixed = dict(fixed or {})
 
     def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
-        return self.rng.choice(choices)
+        return self.fixed[name] if name in self.fixed else self.rng.choice(choices)
 
     def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        if name in self.fixed:
+            return self.fixed[name]
         if log:
             return math.exp(self.rng.uniform(math.log(low), math.log(high)))
         return self.rng.uniform(low, high)
 
     def suggest_int(self, name: str, low: int, high: int) -> int:
-        return self.rng.randint(low, high)
+        return self.fixed[name] if name in self.fixed else self.rng.randint(low, high)
 
 
 def grid_points(search: SearchSpec) -> list[dict[str, Any]]:
@@ -197,7 +201,9 @@ def sample_flat_configs(spec: SweepSpec, count: int) -> list[dict[str, Any]]:
     if spec.search.algorithm == "grid":
         return grid_points(spec.search)[:count]
     rng = random.Random(spec.search.seed)
-    return [suggest_flat_config(RandomSuggester(rng), spec.search) for _ in range(count)]
+    points = searcher_points(spec.search)[:count]
+    points += [{}] * (count - len(points))
+    return [suggest_flat_config(RandomSuggester(rng, point), spec.search) for point in points]
 
 
 def trial_count(spec: SweepSpec) -> int:

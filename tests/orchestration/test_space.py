@@ -12,6 +12,7 @@ from orchestration.runner import build_searcher
 from orchestration.space import (
     grid_points,
     resolve_trial_config,
+    sample_flat_configs,
     suggest_flat_config,
     trial_count,
 )
@@ -182,3 +183,7 @@ def test_points_to_evaluate_come_first_then_the_search_samples() -> None:
     assert second["model.projector.type"] == "mlp" and "model.projector.stride@mlp" in second
     assert 1e-4 <= second["train.lr"] <= 1e-2
     resolve_trial_config(spec.base, first)  # a searcher's sample resolves into a trial
+    shown = sample_flat_configs(spec, 3)  # what `validate` prints: the points, then samples
+    given = {"model.projector.type": "moe", "train.lr": 2e-3, "model.projector.top_k@moe": 1}
+    assert {k: shown[0][k] for k in given} == given
+    assert shown[1]["model.projector.type"] == "mlp" and len(shown) == 3
