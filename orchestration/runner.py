@@ -192,17 +192,31 @@ def _build_features(base: TrialConfig) -> None:
     load_features(base)
 
 
+def cache_cpus(spec: SweepSpec, nodes: list[dict[str, float]]) -> float:
+    """CPUs for the caching task: the sweep's concurrent trials' worth, within one node (one with
+    the GPUs a trial asks for), at least one trial's. `nodes`: each live node's resources."""
+    res, concurrent = spec.resources, spec.search.max_concurrent
+    fit = [n for n in nodes if n.get("GPU", 0.0) >= res.gpus_per_trial]
+    largest = max((n.get("CPU", 0.0) for n in fit), default=res.cpus_per_trial)
+    per_trial = res.cpus_per_trial * res.workers_per_trial
+    wanted = largest if concurrent is None else per_trial * concurrent
+    return max(res.cpus_per_trial, min(wanted, largest))
+
+
 def prepare_features(spec: SweepSpec) -> None:
     """Build the base's encoder-feature cache once, before trials start (they then only read it).
 
-    It runs as a Ray task with one trial's resources, so on a cluster the encoder runs where the
-    GPUs are (the driver's node may have none); the cache directory must be shared by all nodes.
+    It runs as a Ray task with one trial's GPUs, so on a cluster the encoder runs where the GPUs
+    are (the driver's node may have none); the cache directory must be shared by all nodes. Nothing
+    else runs yet, so it takes the CPUs of all the concurrent trials one node can hold.
     """
     import ray
 
     res = spec.resources
     started = time.perf_counter()
-    task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)(_build_features)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cpus = cache_cpus(spec, nodes)
+    task = ray.remote(num_cpus=cpus, num_gpus=res.gpus_per_trial)(_build_features)
     ray.get(task.remote(spec.base))
     print(f"projsweep: encoder features ready ({time.perf_counter() - started:.0f} s)", flush=True)
 

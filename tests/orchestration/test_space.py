@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 import pytest
 
-from orchestration.runner import build_searcher
+from orchestration.runner import build_searcher, cache_cpus
 from orchestration.space import (
     grid_points,
     resolve_trial_config,
@@ -16,7 +16,7 @@ from orchestration.space import (
     suggest_flat_config,
     trial_count,
 )
-from orchestration.spec import SweepSpec, parse_sweep_spec
+from orchestration.spec import ResourcesSpec, SweepSpec, parse_sweep_spec
 from projectors.config import MoEConfig, QFormerConfig
 from trainer.overrides import ConfigError
 
@@ -187,3 +187,16 @@ def test_points_to_evaluate_come_first_then_the_search_samples() -> None:
     given = {"model.projector.type": "moe", "train.lr": 2e-3, "model.projector.top_k@moe": 1}
     assert {k: shown[0][k] for k in given} == given
     assert shown[1]["model.projector.type"] == "mlp" and len(shown) == 3
+
+
+def test_feature_caching_takes_the_cpus_of_the_concurrent_trials_on_one_node() -> None:
+    spec = make_spec({**CONDITIONAL, "max_concurrent": 2})
+    assert cache_cpus(spec, [{"CPU": 2.0}]) == 2.0
+    assert cache_cpus(spec, [{"CPU": 16.0}, {"CPU": 4.0}]) == 2.0
+    unlimited = make_spec(CONDITIONAL)
+    assert cache_cpus(unlimited, [{"CPU": 3.0}, {"CPU": 8.0}]) == 8.0
+    gpu = make_spec(CONDITIONAL).model_copy(
+        update={"resources": ResourcesSpec(cpus_per_trial=1, gpus_per_trial=1)}
+    )
+    assert cache_cpus(gpu, [{"CPU": 64.0}, {"CPU": 8.0, "GPU": 1.0}]) == 8.0
+    assert cache_cpus(gpu, []) == 1.0  # no node known: one trial's worth
