@@ -7,6 +7,7 @@ the directory alone. The encoder-feature cache is built once in the driver befor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.experiment import finish_sweep, load_experiment_spec
-from orchestration.layout import RUN_FILE, SPEC_FILE, STEP
+from orchestration.layout import LOG_POINTS, RUN_FILE, SPEC_FILE, STEP
 from orchestration.space import trial_count
 from orchestration.spec import AshaScheduler, SweepSpec, dump_sweep_spec
 from orchestration.trial import TrialSetup, run_trial, trial_dirname
@@ -179,8 +180,23 @@ def build_tuner(spec: SweepSpec, experiment_dir: Path, tracker: Any = None) -> A
 
 def build_callbacks(tracker: Any = None) -> list[Any]:
     """Driver-side Tune callbacks: the sweep's MLflow tracker (`orchestration.tracking`), the
-    only MLflow writer, which sees every result with its `log_points`."""
-    return [tracker] if tracker is not None else []
+    only MLflow writer, which sees every result with its `log_points`; and Tune's TensorBoard
+    logger without `log_points` (a list of dicts it would warn about on every result)."""
+    callbacks = [tracker] if tracker is not None else []
+    with contextlib.suppress(ImportError):  # no tensorboardX: Tune would only warn too
+        callbacks.append(_scalar_tensorboard_logger())
+    return callbacks
+
+
+def _scalar_tensorboard_logger() -> Any:
+    from ray.tune.logger import TBXLoggerCallback
+
+    class ScalarTBXLogger(TBXLoggerCallback):
+        def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+            scalars = {k: v for k, v in result.items() if k != LOG_POINTS}
+            super().log_trial_result(iteration, trial, scalars)
+
+    return ScalarTBXLogger()
 
 
 # --- run / resume ------------------------------------------------------------------------------
