@@ -10,7 +10,7 @@ line per result) and `error.txt` when it raised. A trial's state follows from th
 | stopped early | ASHA stopped it (last result `done`, no `trial_status`) |
 | skipped | the sampled combination broke a rule; never trained |
 | diverged | the training loss went non-finite |
-| failed | raised, and used up its restarts (`error.txt`) |
+| failed | raised (or its process died) more often than `max_failures` allows (`error.txt`) |
 | unfinished | started, no end recorded (running, or the driver died: `projsweep resume`) |
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,10 @@ class TrialRecord:
     max_steps: int
     """The trial's training budget (its resolved `train.max_steps`)."""
     error: str | None = None
+    """Tune's `error.txt`: one `Failure # n` entry per crash, restarted ones included."""
+    max_failures: int = 0
+    """Restarts the sweep allows (`max_failures`): a trial that crashed no more often than
+    this was restarted from its checkpoint, and did not fail."""
     evaluations: list[dict[str, Any]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -57,9 +62,17 @@ class TrialRecord:
             return str(last[TRIAL_STATUS])
         if self.evaluations and self.evaluations[-1].get(STEP, 0) >= self.max_steps:
             return "completed"  # ASHA stops every trial at max_t, before its closing result
-        if self.error is not None:
+        if self.error is not None and self.failures > self.max_failures:
             return "failed"
         return "stopped early" if last.get("done") else "unfinished"
+
+    @property
+    def failures(self) -> int:
+        """Crashes Tune counted (`Failure # n` in `error.txt`; a lost node does not count)."""
+        if self.error is None:
+            return 0
+        counts = [int(n) for n in re.findall(r"^Failure # (\d+)", self.error, re.MULTILINE)]
+        return max(counts) if counts else 1 << 30  # an error without Tune's count is final
 
     @property
     def steps(self) -> int:
@@ -137,6 +150,7 @@ def _read_trial(spec: SweepSpec, trial_dir: Path) -> TrialRecord:
         results=_read_results(trial_dir / "result.json"),
         max_steps=_trial_max_steps(spec, params),
         error=error_file.read_text(encoding="utf-8") if error_file.is_file() else None,
+        max_failures=spec.max_failures,
     )
 
 

@@ -25,6 +25,10 @@ SKIP_REASON = "skip_reason"
 """Why a trial was skipped or diverged."""
 LOG_POINTS = "log_points"
 """Every log point since the previous result, `[{"step": n, metric: value, …}, …]`."""
+NODE_ID = "node_id"
+"""The Ray node the trial reported from (a trial restarted after a lost node may move)."""
+ERROR_FILE = "error.txt"
+"""Tune's record of a trial's failures, with the remote tracebacks (`trial_<id>/error.txt`)."""
 
 
 def trial_dirname_for(trial_id: str) -> str:

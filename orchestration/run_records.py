@@ -18,7 +18,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from orchestration.layout import LOG_POINTS, PROJECTOR_FILE, SKIP_REASON, STEP, trial_dirname_for
+from orchestration.layout import (
+    ERROR_FILE,
+    LOG_POINTS,
+    PROJECTOR_FILE,
+    SKIP_REASON,
+    STEP,
+    trial_dirname_for,
+)
 from orchestration.space import display_params, resolve_trial_config
 from orchestration.spec import SweepSpec, dump_sweep_spec
 from trainer.config import TrialConfig, dump_trial_config
@@ -192,11 +199,16 @@ def transcripts_worst_first(path: Path) -> str:
     return out.getvalue()
 
 
-def trial_end(experiment_dir: Path, trial_id: str, state: str, note: str = "") -> dict[str, Any]:
-    """Final state, the last eval's transcripts, and a completed trial's projector weights."""
+def trial_end(
+    experiment_dir: Path, trial_id: str, state: str, note: str = "", error: str | None = None
+) -> dict[str, Any]:
+    """Final state, the last eval's transcripts, a completed trial's projector weights, and a
+    failed trial's `error.txt` (Tune's record of each failure, with its traceback)."""
     end: dict[str, Any] = {"state": state, "status": RUN_STATUS[state], "texts": {}, "files": []}
     if note:
         end["tags"] = {"projsweep.note": note[:5000]}
+    if error:  # journaled as text: the file may be gone (Ray's session dir) when it is sent
+        end["texts"][ERROR_FILE] = error
     checkpoint = latest_checkpoint(experiment_dir, trial_id)
     if checkpoint is None:
         return end

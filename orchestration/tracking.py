@@ -175,13 +175,27 @@ class SweepTracker(Callback):
         if state == "unfinished":  # Tune says complete and nothing says otherwise: ASHA stopped it
             state = "stopped early"
         note = run_records.ending_note(results) if state in ("skipped", "diverged") else ""
-        end = run_records.trial_end(self.tracking.experiment_dir, trial.trial_id, state, note)
+        error = _error_text(trial) if state == "failed" else None
+        if error:
+            note = error.strip().splitlines()[-1]
+        end = run_records.trial_end(
+            self.tracking.experiment_dir, trial.trial_id, state, note, error=error
+        )
         self.recorder.record("end", trial.trial_id, **end)
         self.recorder.flush()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         with self._sweep_goes_on("on_experiment_end"):
             self.recorder.flush(force=True)
+
+
+def _error_text(trial: Any) -> str | None:
+    """Tune's `error.txt` for the trial (written before `on_trial_error`, in the driver's
+    staging copy of the trial directory; synced to the experiment directory later)."""
+    path = getattr(trial, "error_file", None)
+    if not path or not Path(path).is_file():
+        return None
+    return Path(path).read_text(encoding="utf-8", errors="replace")
 
 
 def _ray_address(requested: str | None) -> str:
@@ -251,9 +265,10 @@ def settle_trials(recorder: Recorder, experiment: Any) -> None:
         if trial.state == "unfinished" or journal.ended(tid) == trial.state:
             continue
         note = run_records.ending_note(trial.results) if trial.state != "failed" else ""
-        if trial.state == "failed" and trial.error:
-            note = trial.error.strip().splitlines()[-1]
-        end = run_records.trial_end(experiment.path, tid, trial.state, note)
+        error = trial.error if trial.state == "failed" else None
+        if error:
+            note = error.strip().splitlines()[-1]
+        end = run_records.trial_end(experiment.path, tid, trial.state, note, error=error)
         recorder.record("end", tid, **end)
 
 

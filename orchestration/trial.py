@@ -27,6 +27,7 @@ from ray import tune
 
 from orchestration.layout import (
     LOG_POINTS,
+    NODE_ID,
     SKIP_REASON,
     STEP,
     TRIAL_STATUS,
@@ -91,8 +92,12 @@ class TuneReporter:
         tune.report(self.result(), checkpoint=saved)  # copies the checkpoint to storage now
 
     def result(self, **extra: Any) -> dict[str, Any]:
-        """The latest value of every metric, the step, and the log points not yet sent."""
-        out = {**self.latest, STEP: self.step, LOG_POINTS: self.pending, **extra}
+        """The latest value of every metric, the step, the log points not yet sent, and the
+        node reporting (Tune's own `node_ip` cannot tell apart nodes that share a host)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        out = {**self.latest, STEP: self.step, LOG_POINTS: self.pending, NODE_ID: node, **extra}
         self.pending = []
         return out
 

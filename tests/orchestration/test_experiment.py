@@ -119,6 +119,24 @@ def test_states_and_ranking(experiment: Path) -> None:
     assert diverged.last_value("eval/wer") == 0.4  # the stand-in value is not an evaluation
 
 
+def test_a_restarted_trial_has_not_failed_until_its_restarts_are_used_up(tmp_path: Path) -> None:
+    root = tmp_path / "fake"
+    write_spec(root)  # max_failures: 2 (the default)
+    once = "Failure # 1 (occurred at 2026-01-01_00-00-00)\nray::ImplicitFunc.train() …\n"
+    thrice = once + once.replace("# 1", "# 2") + once.replace("# 1", "# 3")
+    write_trial(root, "runs", MLP, [ev(50, 0.5)], error=once)  # restarted, running again
+    write_trial(root, "asha", MLP, [ev(50, 0.5, done=True)], error=once)  # restarted, then stopped
+    write_trial(root, "done", MLP, [ev(50, 0.5), ev(100, 0.3)], error=once)  # restarted, done
+    write_trial(root, "gone", MLP, [ev(50, 0.5, done=True)], error=thrice)  # 3 > 2: failed
+    states = {t.trial_id: t.state for t in load_experiment(root).trials}
+    assert states == {
+        "runs": "unfinished",
+        "asha": "stopped early",
+        "done": "completed",
+        "gone": "failed",
+    }
+
+
 def test_status_prints_a_table(experiment: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", str(experiment)]) == 0
     out = capsys.readouterr().out

@@ -31,6 +31,7 @@ class FakeTrial:
 
     trial_id: str
     config: dict[str, Any] = field(default_factory=dict)
+    error_file: str | None = None
 
 
 def checkpoint(experiment_dir: Path, trial_id: str, n: int, transcripts: bool = True) -> Path:
@@ -98,7 +99,7 @@ def test_transcripts_are_sorted_worst_first(tmp_path: Path) -> None:
 
 
 def test_callback_writes_parent_nested_runs_curves_states_and_artifacts(
-    tracking: Tracking,
+    tracking: Tracking, tmp_path: Path
 ) -> None:
     tracker = tracking.callback(None)
     tracker.setup()
@@ -114,7 +115,12 @@ def test_callback_writes_parent_nested_runs_curves_states_and_artifacts(
     skip = {"eval/wer": 1e9, "step": 0, "trial_status": "skipped", "skip_reason": "top_k"}
     run_trial(tracker, skipped, [skip])
     tracker.on_trial_complete(0, [], skipped)
-    crashed = FakeTrial("a_00003", {"model.projector.type": "mlp", "train.seed": 3})
+    error_file = tracking.experiment_dir / "error.txt"  # as Tune writes it before the callback
+    traceback = 'Traceback (most recent call last):\n  File "x.py", line 1\nOSError: no data\n'
+    error_file.write_text(f"Failure # 1 (occurred at 2026-01-01)\n{traceback}")
+    crashed = FakeTrial(
+        "a_00003", {"model.projector.type": "mlp", "train.seed": 3}, str(error_file)
+    )
     run_trial(tracker, crashed, tune_results(range(10, 21, 10), 20))
     tracker.on_trial_error(0, [], crashed)
     tracker.on_experiment_end([])
@@ -145,6 +151,10 @@ def test_callback_writes_parent_nested_runs_curves_states_and_artifacts(
         a.path for a in client.list_artifacts(ids.runs["a_00001"])
     }  # weights only for trials trained to their budget
     assert client.get_run(ids.runs["a_00002"]).data.params["model.projector.top_k"] == "4"
+    crashed_run = client.get_run(ids.runs["a_00003"])
+    assert crashed_run.data.tags["projsweep.note"] == "OSError: no data"
+    kept = client.download_artifacts(crashed_run.info.run_id, "error.txt", str(tmp_path))
+    assert traceback in Path(kept).read_text()  # the traceback, as an artifact
 
 
 def test_outage_journals_then_replays_every_point_exactly_once(
