@@ -104,7 +104,8 @@ def load_pretrained_decoder(
     if tokenizer.pad_token_id is None:
         # Many LLM tokenizers have no pad token; padded positions are masked, so eos serves.
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(id_or_path, dtype=dtype)
+    # Weights from safetensors only: a `pytorch_model.bin` is a pickle, refused here.
+    model = AutoModelForCausalLM.from_pretrained(id_or_path, dtype=dtype, use_safetensors=True)
     return model, tokenizer
 
 

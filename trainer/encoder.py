@@ -83,7 +83,8 @@ def load_pretrained_encoder(source: str) -> WhisperEncoder:
             "not a Whisper model"
         )
     architectures = config.architectures or []
-    load = {"dtype": torch.float32}
+    # Weights from safetensors only: a `pytorch_model.bin` is a pickle, refused here.
+    load = {"dtype": torch.float32, "use_safetensors": True}
     if "WhisperEncoder" in architectures:
         return WhisperEncoder.from_pretrained(source, **load)
     if "WhisperModel" in architectures:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
@@ -75,6 +76,17 @@ def test_pretrained_decoder_loads_by_path(tmp_path) -> None:
         assert torch.allclose(model(ids).logits, loaded(ids).logits)
     # The tokenizer alone also loads by path with the stock class.
     assert AutoTokenizer.from_pretrained(tmp_path).eos_token == EOS
+
+
+def test_a_pickled_decoder_checkpoint_is_refused(tmp_path) -> None:
+    """Weights load from safetensors only: a `pytorch_model.bin` (a pickle) is not read."""
+    model, tok = build_decoder(_tiny_cfg(trainable=True))
+    save_decoder(model, tok, tmp_path)
+    weights = next(tmp_path.glob("*.safetensors"))
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        build_decoder(DecoderConfig(pretrained=str(tmp_path)))
 
 
 def test_prompt_layout_splits_at_the_placeholder() -> None:

@@ -162,6 +162,15 @@ def test_bare_encoder_checkpoint_without_extractor(tmp_path: Path) -> None:
     assert extractor.nb_max_frames == 400  # built from the encoder's config
 
 
+def test_a_pickled_checkpoint_is_refused(tmp_path: Path) -> None:
+    """Weights load from safetensors only: a `pytorch_model.bin` (a pickle) is not read."""
+    encoder = WhisperEncoder(_tiny_whisper_config())
+    encoder.config.save_pretrained(tmp_path)
+    torch.save(encoder.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        build_encoder(EncoderConfig(pretrained=str(tmp_path)))
+
+
 def test_non_whisper_checkpoint_is_a_config_error(tmp_path: Path) -> None:
     LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
         tmp_path
