@@ -5,7 +5,8 @@ stopping, at equal `num_samples`, and Tune's overhead.
 
 Prints, per sweep: wall time of the Tune run (feature cache built beforehand, outside the timing),
 best eval WER, trials by state, and Tune's overhead = sweep wall ÷ (Σ trial time ÷ concurrency),
-where a trial's time is the time its trial function ran (Tune's `time_total_s`). Targets: TPE + ASHA
+where a trial's time is the time its trial function ran (Tune's `time_total_s`), and the optimiser
+steps trained in all (the work, independent of whatever else loads the machine). Targets: TPE + ASHA
 ≥ 2× less wall time at equal or better best WER; overhead ≤ 1.15.
 """
 
@@ -43,6 +44,7 @@ def timed_sweep(spec: SweepSpec, storage: Path) -> tuple[float, Experiment]:
 
 def summary(label: str, wall: float, experiment: Experiment, concurrency: int) -> dict[str, Any]:
     trial_seconds = sum(t.results[-1]["time_total_s"] for t in experiment.trials if t.results)
+    steps = sum(t.steps or 0 for t in experiment.trials)
     ranked = experiment.ranked()
     states: dict[str, int] = {}
     for trial in experiment.trials:
@@ -53,6 +55,7 @@ def summary(label: str, wall: float, experiment: Experiment, concurrency: int) -
         "best eval/wer": ranked[0].last_value("eval/wer") if ranked else None,
         "trials": ", ".join(f"{n} {s}" for s, n in states.items()),
         "Σ trial s": trial_seconds,
+        "Σ steps": steps,
         "overhead": wall / (trial_seconds / concurrency) if trial_seconds else None,
     }
 
@@ -87,6 +90,8 @@ def main() -> None:
     tpe, rand = rows
     print(
         f"\nwall-time ratio random ÷ TPE+ASHA: {rand['wall s'] / tpe['wall s']:.2f} (target ≥ 2); "
+        f"optimiser steps trained, random ÷ TPE+ASHA: {rand['Σ steps'] / tpe['Σ steps']:.2f} "
+        "(the work done, whatever else loads the machine); "
         f"best WER {tpe['best eval/wer']} vs {rand['best eval/wer']} (target ≤); "
         f"experiments in {storage}"
     )
