@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import subprocess
 from collections.abc import Mapping
 from importlib import metadata
@@ -35,6 +36,8 @@ MAX_PARAM_LENGTH = 6000
 """MLflow's limit on a param value."""
 TRANSCRIPTS_FILE = "transcripts.tsv"
 """Eval transcripts the trainer writes into a checkpoint (`reference`, `hypothesis`, `wer`)."""
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+"""Terminal colour codes, which Ray puts in the tracebacks it records."""
 RUN_STATUS = {
     "completed": "FINISHED",
     "stopped early": "KILLED",
@@ -208,7 +211,7 @@ def trial_end(
     if note:
         end["tags"] = {"projsweep.note": note[:5000]}
     if error:  # journaled as text: the file may be gone (Ray's session dir) when it is sent
-        end["texts"][ERROR_FILE] = error
+        end["texts"][ERROR_FILE] = ANSI_COLOUR.sub("", error)
     checkpoint = latest_checkpoint(experiment_dir, trial_id)
     if checkpoint is None:
         return end

@@ -183,9 +183,27 @@ def build_callbacks(tracker: Any = None) -> list[Any]:
     only MLflow writer, which sees every result with its `log_points`; and Tune's TensorBoard
     logger without `log_points` (a list of dicts it would warn about on every result)."""
     callbacks = [tracker] if tracker is not None else []
+    callbacks.append(_local_first_json_logger())
     with contextlib.suppress(ImportError):  # no tensorboardX: Tune would only warn too
         callbacks.append(_scalar_tensorboard_logger())
     return callbacks
+
+
+def _local_first_json_logger() -> Any:
+    from ray.tune.logger import JsonLoggerCallback
+
+    class LocalFirstJsonLogger(JsonLoggerCallback):
+        """Tune's `result.json` writer, except that a trial restarted by the same driver keeps
+        what it logged. Tune's own copies the experiment directory's `result.json` over the
+        driver's before the restart, and that copy is synced only every few checkpoints: a
+        trial SIGKILLed three times kept 3 of its 6 results. A resumed sweep's driver has no
+        local copy yet and still starts from the experiment directory's."""
+
+        def _restore_from_remote(self, file_name: str, trial: Any) -> None:
+            if not Path(trial.local_path, file_name).is_file():
+                super()._restore_from_remote(file_name, trial)
+
+    return LocalFirstJsonLogger()
 
 
 def _scalar_tensorboard_logger() -> Any:

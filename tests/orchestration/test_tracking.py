@@ -117,7 +117,8 @@ def test_callback_writes_parent_nested_runs_curves_states_and_artifacts(
     tracker.on_trial_complete(0, [], skipped)
     error_file = tracking.experiment_dir / "error.txt"  # as Tune writes it before the callback
     traceback = 'Traceback (most recent call last):\n  File "x.py", line 1\nOSError: no data\n'
-    error_file.write_text(f"Failure # 1 (occurred at 2026-01-01)\n{traceback}")
+    coloured = "\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1)\n"  # as Ray writes it
+    error_file.write_text(f"Failure # 1 (occurred at 2026-01-01)\n{coloured}{traceback}")
     crashed = FakeTrial(
         "a_00003", {"model.projector.type": "mlp", "train.seed": 3}, str(error_file)
     )
@@ -154,7 +155,8 @@ def test_callback_writes_parent_nested_runs_curves_states_and_artifacts(
     crashed_run = client.get_run(ids.runs["a_00003"])
     assert crashed_run.data.tags["projsweep.note"] == "OSError: no data"
     kept = client.download_artifacts(crashed_run.info.run_id, "error.txt", str(tmp_path))
-    assert traceback in Path(kept).read_text()  # the traceback, as an artifact
+    text = Path(kept).read_text()
+    assert traceback in text and "ray::ImplicitFunc.train() (pid=1)" in text  # without colours
 
 
 def test_outage_journals_then_replays_every_point_exactly_once(
