@@ -333,7 +333,10 @@ class Audit:
     nodes: dict[str, list[str]]
     """Per trial: the Ray nodes it reported from, in order, without repeats."""
     rerun: list[str] = field(default_factory=list)
-    """Trials that trained and reported a step twice, or finished ones whose results changed."""
+    """Trials that had finished before the fault and whose results or errors changed since."""
+    redone: dict[str, list[int]] = field(default_factory=dict)
+    """Per trial, steps it trained and reported twice: it went back behind a step it had
+    reported (restarted from an older checkpoint than its last report's, or from scratch)."""
     lost: list[str] = field(default_factory=list)
     """`trial key@step` expected but not in MLflow."""
     duplicated: list[str] = field(default_factory=list)
@@ -349,8 +352,11 @@ class Audit:
     def restarts(self) -> int:
         return sum(n - 1 for n in self.attempts.values() if n > 1)
 
-    def assert_clean(self) -> None:
+    def assert_clean(self, *, redone_ok: bool = False) -> None:
+        """Nothing lost, nothing finished run again, MLflow agrees; with `redone_ok`, trials
+        may have trained steps again (a driver killed before Tune saved its state)."""
         assert not self.rerun, f"trials re-run: {self.rerun}"
+        assert redone_ok or not self.redone, f"steps trained twice: {self.redone}"
         assert not self.lost, f"metric points lost: {self.lost[:20]}"
         assert not self.duplicated, f"metric points duplicated: {self.duplicated[:20]}"
         assert not self.disagreements, "\n".join(self.disagreements)
@@ -412,7 +418,7 @@ def _audit_trial(result: Audit, trial: Any, spec: Any, client: Any, run_id: str 
     steps = [int(p["step"]) for r in trial.results for p in r.get("log_points") or []]
     again = sorted(s for s, n in Counter(steps).items() if n > 1)
     if again:
-        result.rerun.append(f"{tid} (steps reported twice: {again})")
+        result.redone[tid] = again
     if run_id is None:
         result.disagreements.append(f"{tid}: no MLflow run")
         return

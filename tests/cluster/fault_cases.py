@@ -8,6 +8,7 @@ says with MLflow. Trials are tiny (`SHORT`): seconds each.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -284,5 +285,6 @@ def node_loss(root: Path, name: str = "nodes") -> NodeLossRun:
             if cluster is not None:
                 cluster.shutdown()
             stop_processes(processes_of(None, temp_dir))
+            shutil.rmtree(temp_dir, ignore_errors=True)
     run.wall_s = time.monotonic() - started
     return run

@@ -98,8 +98,9 @@ def test_resume_after_the_driver_was_killed_runs_no_finished_trial_again(
     run, result = raises
     assert run.events == ["driver SIGKILLed", "projsweep resume"]
     assert run.finished_before  # the failed trial had ended before the kill
-    result.assert_clean()  # it was not run again; the other one went on from its checkpoint
+    # The failed trial was not run again; the other one went on from the last checkpoint Tune
+    # had saved its state with (it may train a few steps again: `redone_ok`).
+    result.assert_clean(redone_ok=True)
     completed = [t for t in load_experiment(run.experiment_dir).trials if t.state == "completed"]
     (trial,) = completed
-    steps = [r["step"] for r in trial.evaluations]
-    assert sorted(set(steps)) == list(range(20, 121, 20)) and steps == sorted(steps)
+    assert sorted({r["step"] for r in trial.evaluations}) == list(range(20, 121, 20))
