@@ -363,6 +363,16 @@ class Audit:
         assert "unfinished" not in self.states.values(), self.states
 
 
+def _attempts(trial: Any) -> int:
+    """Processes that ran the trial: those that reported, or the crashes Tune counted (a trial
+    that failed before reporting anything), whichever says more."""
+    reported = len({r["pid"] for r in trial.results if "pid" in r})
+    if trial.error is None or trial.failures >= 1 << 30:  # no error, or one without Tune's count
+        return reported
+    crashed = trial.failures if trial.state == "failed" else trial.failures + 1
+    return max(reported, crashed)
+
+
 def _in_order(values: list[str]) -> list[str]:
     return [v for i, v in enumerate(values) if i == 0 or values[i - 1] != v]
 
@@ -395,9 +405,7 @@ def audit(
     ids = json.loads((experiment_dir / "mlflow.json").read_text())
     result = Audit(
         states={t.trial_id: t.state for t in experiment.trials},
-        attempts={
-            t.trial_id: len({r["pid"] for r in t.results if "pid" in r}) for t in experiment.trials
-        },
+        attempts={t.trial_id: _attempts(t) for t in experiment.trials},
         nodes={
             t.trial_id: _in_order([r["node_id"] for r in t.results if "node_id" in r])
             for t in experiment.trials

@@ -82,6 +82,7 @@ def test_a_raising_trial_ends_failed_with_its_traceback_in_mlflow(
     failed = trial_where(run, "data.dataset", str(faults_lab.root / "datasets" / "digits-not-here"))
     assert failed.state == "failed"
     assert failed.error is not None and "Failure # 2" in failed.error  # retried once, then failed
+    assert result.attempts[failed.trial_id] == 2
     client = MlflowClient(faults_lab.mlflow_uri)
     run_id = json.loads((run.experiment_dir / "mlflow.json").read_text())["runs"][failed.trial_id]
     mlflow_run = client.get_run(run_id)
