@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # it with the project root and the test helpers the cases live in.
 sys.path[0:1] = [str(ROOT), str(ROOT / "tests" / "cluster"), str(ROOT / "tests" / "orchestration")]
 
-from cluster_helpers import Audit, audit  # noqa: E402
 from fault_cases import (  # noqa: E402
     FaultRun,
     Lab,
@@ -36,6 +35,7 @@ from fault_cases import (  # noqa: E402
     trial_sigkills,
 )
 from mlflow import MlflowClient  # noqa: E402
+from mlflow_audit import Audit, audit  # noqa: E402
 
 from orchestration.table import format_table  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The fault cases, each a small real sweep with a fault injected while it runs; shared by
 `test_faults.py`, `test_nodes.py` and `bench/faults.py` (which prints their table).
 
-A case returns a `FaultRun`; `cluster_helpers.audit` then compares what the experiment directory
+A case returns a `FaultRun`; `mlflow_audit.audit` then compares what the experiment directory
 says with MLflow. Trials are tiny (`SHORT`): seconds each.
 """
 

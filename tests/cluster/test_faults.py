@@ -6,7 +6,7 @@
 - the driver SIGKILLed mid-sweep, and `projsweep resume` finishes it (same sweep).
 
 In each: no finished trial lost or run again, every log point in MLflow once, and `status` /
-`export` agree with MLflow (`cluster_helpers.audit`). Slow: two sweeps of two tiny trials.
+`export` agree with MLflow (`mlflow_audit.audit`). Slow: two sweeps of two tiny trials.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_helpers import Audit, audit
 from fault_cases import GOOD_LR, NAN_LR, FaultRun, Lab, lab, trial_raises, trial_sigkills
 from mlflow import MlflowClient
+from mlflow_audit import Audit, audit
 
 from orchestration.experiment import TrialRecord, load_experiment
 

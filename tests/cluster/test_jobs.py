@@ -21,9 +21,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cluster_helpers import BIN, ROOT, audit, finished_files, processes_of, wait_for
+from cluster_helpers import BIN, ROOT, finished_files, processes_of, wait_for
 from fault_cases import Lab, checkpointed, lab
 from mlflow import MlflowClient
+from mlflow_audit import audit
 
 from orchestration.experiment import load_experiment
 

@@ -9,9 +9,9 @@ Slow: three tiny trials, two at a time, on a corpus built in the shared cache.
 from __future__ import annotations
 
 import pytest
-from cluster_helpers import Audit, audit
 from fault_cases import NodeLossRun, node_loss
 from mlflow import MlflowClient
+from mlflow_audit import Audit, audit
 
 from orchestration.experiment import load_experiment
 
