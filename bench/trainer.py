@@ -1,6 +1,7 @@
 """Trial-loop throughput with the encoder-feature cache against running the encoder every step.
 
     python bench/trainer.py [CONFIG.yaml] [--steps N] [--rounds R] [--set key=value]…
+                            [--threads T] [--clock wall|cpu]
 
 Both paths train the same model (projector + decoder, AdamW, clipping) on batches of the config's
 `train.batch_size`, grouped by length as in `train_trial`; the second one first turns each batch's
@@ -87,14 +88,20 @@ def encoder_batches(cfg: TrialConfig, limit: int) -> Iterator[list[dict[str, Any
         ]
 
 
-def timed(step: Callable, batches: Iterator[list[dict[str, Any]]], n: int) -> tuple[float, float]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(
+    step: Callable, batches: Iterator[list[dict[str, Any]]], n: int, clock: str = "wall"
+) -> tuple[float, float]:
     """Seconds for n steps (data included) and the audio seconds they covered."""
-    audio, start = 0.0, time.perf_counter()
+    now = CLOCKS[clock]
+    audio, start = 0.0, now()
     for _ in range(n):
         items = next(batches)
         audio += sum(it["audio_seconds"] for it in items)
         step(items)
-    return time.perf_counter() - start, audio
+    return now() - start, audio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="steps per path per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine)",
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = load_trial_config(args.config, args.overrides)
     torch.manual_seed(cfg.train.seed)
 
@@ -120,14 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     totals = {"cache": [0.0, 0.0], "encoder": [0.0, 0.0]}
     for r in range(args.rounds):
         for name, batches in (("cache", cached), ("encoder", live)):
-            seconds, audio = timed(step, batches, args.steps)
+            seconds, audio = timed(step, batches, args.steps, args.clock)
             totals[name][0] += seconds
             totals[name][1] += audio
             print(f"round {r + 1}: {name:>7}  {args.steps / seconds:6.2f} steps/s", flush=True)
     n = args.steps * args.rounds
     rates = {k: (n / s, a / s) for k, (s, a) in totals.items()}
     threads = torch.get_num_threads()
-    print(f"\nbatch {cfg.train.batch_size}, {n} steps per path, torch threads {threads}")
+    print(
+        f"\nbatch {cfg.train.batch_size}, {n} steps per path, torch threads {threads}, "
+        f"{args.clock} clock"
+    )
     for name, (sps, aps) in rates.items():
         print(f"  {name:>12}: {sps:7.2f} steps/s  {aps:8.1f} audio-s/s")
     steps_ratio = rates["cache"][0] / rates["encoder"][0]
