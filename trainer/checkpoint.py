@@ -61,9 +61,11 @@ def latest_checkpoint(workdir: Path) -> Path | None:
 
 
 def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # Plain types and tensors only, so that it loads with `weights_only=True` (no pickle).
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -73,7 +75,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -136,12 +139,14 @@ def load_checkpoint(
     if decoder_trainable:
         load_model(model.decoder, str(path / "decoder.safetensors"))
     device = accelerator.device
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
+    optimizer.load_state_dict(
+        torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    )
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = path / f"rng_state_{accelerator.process_index}.pt"
     if not rng.exists():  # resumed with more processes than saved: reuse rank 0's generators
         rng = path / "rng_state_0.pt"
-    _set_rng_state(torch.load(rng, weights_only=False))
+    _set_rng_state(torch.load(rng, weights_only=True))
     saved = json.loads((path / STATE_FILE).read_text())
     return TrainerState(step=int(saved["step"]), history=list(saved["history"]))
 
