@@ -75,7 +75,9 @@ def trial_dirname(trial: Any) -> str:
 class TuneReporter:
     """The trainer's `report` callable for a Tune trial: forwards evaluations to `tune.report`."""
 
-    def __init__(self) -> None:
+    def __init__(self, first: tuple[str, ...] = ()) -> None:
+        # Tune's progress table shows the first few metrics of a result: these go first.
+        self.first = tuple(dict.fromkeys((STEP, *first, "eval/wer", "eval/loss", "train/loss")))
         self.latest: dict[str, float] = {}
         self.pending: list[dict[str, float]] = []
         self.step = 0
@@ -99,7 +101,7 @@ class TuneReporter:
         node = ray.get_runtime_context().get_node_id()
         out = {**self.latest, STEP: self.step, LOG_POINTS: self.pending, NODE_ID: node, **extra}
         self.pending = []
-        return out
+        return {k: out[k] for k in self.first if k in out} | out
 
 
 @contextmanager
@@ -136,7 +138,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     except ConfigError as err:
         tune.report({**setup.worst(), STEP: 0, TRIAL_STATUS: "skipped", SKIP_REASON: str(err)})
         return
-    reporter = TuneReporter()
+    reporter = TuneReporter(setup.metrics)
     with restored_checkpoint() as resume_from:
         if setup.workers > 1:
             from orchestration.distributed import train_data_parallel
