@@ -277,7 +277,9 @@ def write_sweep_report(experiment: Any) -> Path | None:
     from orchestration.report import REPORT_DIR, write_report
 
     try:
-        return write_report(experiment, experiment.path / REPORT_DIR)
+        out = write_report(experiment, experiment.path / REPORT_DIR)
+        print(f"projsweep: report: {out / 'index.html'}", flush=True)
+        return out
     except Exception as err:
         say(f"the report failed ({_short(err)}); `projsweep report` can retry it")
         return None
