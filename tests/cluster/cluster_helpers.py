@@ -193,6 +193,14 @@ class Driver:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
 
+    def __enter__(self) -> Driver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Whatever happened in the block, a driver still running is killed."""
+        if self.proc.poll() is None:
+            self.kill()
+
 
 def wait_for(what: str, check: Callable[[], Any], driver: Driver | None, timeout: float) -> Any:
     """Poll `check()` until it returns something true; fail if the driver ends first."""

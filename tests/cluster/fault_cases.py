@@ -123,9 +123,8 @@ def trial_sigkills(lab: Lab, name: str = "kills", kills: int = 3, nan: bool = Tr
         max_failures=kills,
     )
     started = time.monotonic()
-    driver = lab.run(spec, name)
     run = FaultRun(name, lab.storage / name, 0.0)
-    try:
+    with lab.run(spec, name) as driver:
         step = 0
         for n in range(kills):
 
@@ -141,9 +140,6 @@ def trial_sigkills(lab: Lab, name: str = "kills", kills: int = 3, nan: bool = Tr
             os.kill(int(result["pid"]), signal.SIGKILL)
             run.events.append(f"trial process {result['pid']} SIGKILLed after step {step}")
         run.log = _finish(driver, "the sweep")
-    finally:
-        if driver.proc.poll() is None:
-            driver.kill()
     run.wall_s = time.monotonic() - started
     return run
 
@@ -174,8 +170,7 @@ def trial_raises(lab: Lab, name: str = "raises", kill_driver: bool = True) -> Fa
     experiment_dir = lab.storage / name
     run = FaultRun(name, experiment_dir, 0.0)
     started = time.monotonic()
-    driver = lab.run(spec, name)
-    try:
+    with lab.run(spec, name) as driver:
         if kill_driver:
 
             def failed_and_other_running() -> bool:
@@ -199,16 +194,10 @@ def trial_raises(lab: Lab, name: str = "raises", kill_driver: bool = True) -> Fa
                 ["resume", str(experiment_dir)], lab.root / f"{name}-resume.log", lab.head.env
             )
             run.events.append("projsweep resume")
-            try:
+            with resume:
                 run.log = _finish(resume, "projsweep resume")
-            finally:
-                if resume.proc.poll() is None:
-                    resume.kill()
         else:
             run.log = _finish(driver, "the sweep")
-    finally:
-        if driver.proc.poll() is None:
-            driver.kill()
     run.wall_s = time.monotonic() - started
     return run
 
