@@ -138,6 +138,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     except ConfigError as err:
         tune.report({**setup.worst(), STEP: 0, TRIAL_STATUS: "skipped", SKIP_REASON: str(err)})
         return
+    cfg = with_trial_threads(cfg, setup.cpus_per_worker)
     reporter = TuneReporter(setup.metrics)
     with restored_checkpoint() as resume_from:
         if setup.workers > 1:
@@ -155,6 +156,15 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     if end.status != "completed":
         ending |= {**setup.worst(), SKIP_REASON: end.message}
     tune.report(reporter.result(**ending))
+
+
+def with_trial_threads(cfg: TrialConfig, cpus: float) -> TrialConfig:
+    """`train.cpu_threads: null` in a sweep means the CPUs Ray gave each worker of the trial
+    (at least 1), not every core of the node: concurrent trials must not oversubscribe it."""
+    if cfg.train.cpu_threads is not None:
+        return cfg
+    train = cfg.train.model_copy(update={"cpu_threads": max(1, int(cpus))})
+    return cfg.model_copy(update={"train": train})
 
 
 def _train_here(cfg: TrialConfig, reporter: TuneReporter, resume_from: Path | None) -> TrialEnd:

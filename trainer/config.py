@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from projectors.config import MLPConfig, ProjectorConfig
 from trainer.overrides import apply_overrides, read_yaml_mapping, validate_model
@@ -158,16 +158,28 @@ class DataConfig(_Section):
         return self
 
 
+def _no_means_no(value: object) -> object:
+    # YAML 1.1 reads a bare `no` as false: `precision: no` / `--set train.precision=no` mean "no".
+    return "no" if value is False else value
+
+
+Precision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_no_means_no)]
+
+
 class TrainConfig(_Section):
     """Optimisation and evaluation. Field names are searched over by sweeps: keep them."""
 
     max_steps: PositiveInt = 1500
     lr: PositiveFloat = 1e-3
+    """Peak learning rate of the projector (with a frozen decoder, of everything trained)."""
+    decoder_lr: PositiveFloat | None = None
+    """Peak learning rate of a trained decoder (`model.decoder.trainable`); null: `lr`. A decoder
+    trained from scratch wants more than a projector on top of it."""
     batch_size: PositiveInt = 32
     grad_accum: PositiveInt = 1
     warmup_steps: Annotated[int, Field(ge=0)] = 100
     eval_every: PositiveInt = 250
-    precision: Literal["no", "bf16", "fp16"] = "no"
+    precision: Precision = "no"
     seed: int = 0
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     adam_betas: tuple[UnitInterval, UnitInterval] = (0.9, 0.999)

@@ -75,7 +75,7 @@ def _train(
     model, tokenizer = build_model(cfg, splits.train, splits.encoder_dim, tc.precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        trainable, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay
+        param_groups(model, tc), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -148,6 +148,18 @@ def _train(
             save_decoder(core.decoder, tokenizer, workdir / "decoder")
     accelerator.wait_for_everyone()
     return TrialResult(status, final_metrics(state.history), state.history, message)
+
+
+def param_groups(model: SpeechLM, tc: TrainConfig) -> list[dict]:
+    """AdamW's groups: the projector at `lr`, a trained decoder at `decoder_lr` (default `lr`).
+
+    The projector comes first, so `scheduler.get_last_lr()[0]` is its (reported) rate; the
+    schedule scales every group alike.
+    """
+    projector = [p for p in model.projector.parameters() if p.requires_grad]
+    decoder = [p for p in model.decoder.parameters() if p.requires_grad]
+    groups = [{"params": projector, "lr": tc.lr}]
+    return groups + [{"params": decoder, "lr": tc.decoder_lr or tc.lr}] if decoder else groups
 
 
 def make_accelerator(tc: TrainConfig, *, sparse: bool = False) -> Accelerator:

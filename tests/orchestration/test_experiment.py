@@ -201,3 +201,15 @@ def test_status_of_a_directory_that_is_no_experiment(tmp_path: Path) -> None:
 def test_spec_in_the_experiment_round_trips(experiment: Path) -> None:
     data = yaml.safe_load((experiment / SPEC_FILE).read_text())
     assert data["name"] == "fake" and isinstance(data["base"], dict)
+
+
+def test_a_trial_without_cpu_threads_gets_the_cpus_ray_gave_it() -> None:
+    from orchestration.trial import with_trial_threads
+
+    base = load_trial_config({})
+    assert base.train.cpu_threads is None
+    assert with_trial_threads(base, 1.0).train.cpu_threads == 1
+    assert with_trial_threads(base, 3.0).train.cpu_threads == 3
+    assert with_trial_threads(base, 0.5).train.cpu_threads == 1  # a fraction still runs
+    pinned = load_trial_config({}, ["train.cpu_threads=2"])
+    assert with_trial_threads(pinned, 8.0).train.cpu_threads == 2  # the config's own choice wins

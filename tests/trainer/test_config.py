@@ -53,6 +53,14 @@ def test_bad_values_name_the_field(data: dict, overrides: list[str], path: str) 
     assert path in str(err.value)
 
 
+def test_bare_no_is_a_precision_not_a_boolean() -> None:
+    # YAML reads `no` as false; `precision: no` must still mean full precision.
+    assert load_trial_config({}, ["train.precision=no"]).train.precision == "no"
+    assert load_trial_config({"train": {"precision": False}}).train.precision == "no"
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_trial_config({}, ["train.precision=yes"])
+
+
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as err:
         load_trial_config({"train": {"lrr": 1, "batch_size": 0}})

@@ -180,6 +180,32 @@ def test_frozen_decoder_stays_unchanged(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("toy")
+def test_lr_drives_the_projector_and_decoder_lr_the_trained_decoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+    build = loop.build_model
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        model, tok = build(*args, **kwargs)
+        seen["model"] = model
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return model, tok
+
+    monkeypatch.setattr(loop, "build_model", spy)
+    cfg = toy_config(max_steps=5, eval_every=5, warmup_steps=1, lr=1e-2, decoder_lr=1e-9)
+    train_trial(cfg, Recorder(), workdir=tmp_path)
+    moved = {
+        name: (p.detach() - seen["before"][name]).abs().max().item()
+        for name, p in seen["model"].named_parameters()
+    }
+    # AdamW moves a weight by about lr per step: 5 steps at 1e-9 stay far below 1e-7.
+    assert max(v for n, v in moved.items() if n.startswith("decoder.")) < 1e-7
+    assert max(v for n, v in moved.items() if n.startswith("projector.")) > 1e-4
+    assert all(n.startswith(("decoder.", "projector.")) for n in moved)  # no third group
+
+
+@pytest.mark.usefixtures("toy")
 def test_trials_with_other_precisions_run_in_one_process(tmp_path: Path) -> None:
     for i, precision in enumerate(("bf16", "no")):
         result = train_trial(
