@@ -229,6 +229,11 @@ def node_loss(root: Path, name: str = "nodes") -> NodeLossRun:
     # Token auth off here: this process's own client of the cluster (`Cluster` keeps one) reads
     # Ray's auth mode once per process, at import. Token auth is what test_jobs.py runs with.
     env = {"PROJSWEEP_CACHE": str(cache), "RAY_AUTH_MODE": "disabled"}
+    # `Cluster` writes the head's address to `<RAY_TMPDIR or /tmp>/ray/ray_current_cluster`
+    # whatever the head's temp_dir, and fails where that directory does not exist (a fresh
+    # machine): point it into the private temp dir, away from a developer's own Ray.
+    (temp_dir / "ray").mkdir()
+    env["RAY_TMPDIR"] = str(temp_dir)
     run = NodeLossRun(name, storage / name, 0.0, shared=shared)
     cluster = None
     driver = None
