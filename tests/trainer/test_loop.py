@@ -54,6 +54,22 @@ def toy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loop, "load_features", lambda cfg: splits)
 
 
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Fills with the trial's model (`"model"`) and its state as built (`"before"`)."""
+    seen: dict[str, Any] = {}
+    build = loop.build_model
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        model, tok = build(*args, **kwargs)
+        seen["model"] = model
+        seen["before"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model, tok
+
+    monkeypatch.setattr(loop, "build_model", spy)
+    return seen
+
+
 def _stable(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in p.items() if k not in VOLATILE} for p in history]
 
@@ -152,52 +168,29 @@ def test_nan_loss_ends_the_trial_as_diverged(tmp_path: Path, monkeypatch) -> Non
 
 
 @pytest.mark.usefixtures("toy")
-def test_frozen_decoder_stays_unchanged(tmp_path: Path) -> None:
+def test_frozen_decoder_stays_unchanged(tmp_path: Path, built: dict[str, Any]) -> None:
     cfg = toy_config(max_steps=5, eval_every=5)
     cfg.model.decoder.trainable = False
-    seen: dict[str, Any] = {}
-    build = loop.build_model
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        model, tok = build(*args, **kwargs)
-        seen["model"] = model
-        seen["decoder"] = {k: v.clone() for k, v in model.decoder.state_dict().items()}
-        seen["projector"] = {k: v.clone() for k, v in model.projector.state_dict().items()}
-        return model, tok
-
-    loop.build_model = spy
-    try:
-        train_trial(cfg, Recorder(), workdir=tmp_path)
-    finally:
-        loop.build_model = build
-    model = seen["model"]
+    train_trial(cfg, Recorder(), workdir=tmp_path)
+    model, before = built["model"], built["before"]
     for k, v in model.decoder.state_dict().items():
-        assert torch.equal(v, seen["decoder"][k]), k
+        assert torch.equal(v, before[f"decoder.{k}"]), k
     assert any(
-        not torch.equal(v, seen["projector"][k]) for k, v in model.projector.state_dict().items()
+        not torch.equal(v, before[f"projector.{k}"])
+        for k, v in model.projector.state_dict().items()
     )
     assert not (tmp_path / "checkpoints" / "step_5" / "decoder.safetensors").exists()
 
 
 @pytest.mark.usefixtures("toy")
 def test_lr_drives_the_projector_and_decoder_lr_the_trained_decoder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, built: dict[str, Any]
 ) -> None:
-    seen: dict[str, Any] = {}
-    build = loop.build_model
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        model, tok = build(*args, **kwargs)
-        seen["model"] = model
-        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        return model, tok
-
-    monkeypatch.setattr(loop, "build_model", spy)
     cfg = toy_config(max_steps=5, eval_every=5, warmup_steps=1, lr=1e-2, decoder_lr=1e-9)
     train_trial(cfg, Recorder(), workdir=tmp_path)
     moved = {
-        name: (p.detach() - seen["before"][name]).abs().max().item()
-        for name, p in seen["model"].named_parameters()
+        name: (p.detach() - built["before"][name]).abs().max().item()
+        for name, p in built["model"].named_parameters()
     }
     # AdamW moves a weight by about lr per step: 5 steps at 1e-9 stay far below 1e-7.
     assert max(v for n, v in moved.items() if n.startswith("decoder.")) < 1e-7
