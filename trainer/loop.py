@@ -159,7 +159,9 @@ def param_groups(model: SpeechLM, tc: TrainConfig) -> list[dict]:
     projector = [p for p in model.projector.parameters() if p.requires_grad]
     decoder = [p for p in model.decoder.parameters() if p.requires_grad]
     groups = [{"params": projector, "lr": tc.lr}]
-    return groups + [{"params": decoder, "lr": tc.decoder_lr or tc.lr}] if decoder else groups
+    if decoder:
+        groups.append({"params": decoder, "lr": tc.decoder_lr or tc.lr})
+    return groups
 
 
 def make_accelerator(tc: TrainConfig, *, sparse: bool = False) -> Accelerator:

@@ -57,7 +57,7 @@ def test_bare_no_is_a_precision_not_a_boolean() -> None:
     # YAML reads `no` as false; `precision: no` must still mean full precision.
     assert load_trial_config({}, ["train.precision=no"]).train.precision == "no"
     assert load_trial_config({"train": {"precision": False}}).train.precision == "no"
-    with pytest.raises(ConfigError, match="train.precision"):
+    with pytest.raises(ConfigError, match=r"train\.precision"):
         load_trial_config({}, ["train.precision=yes"])
 
 
